@@ -1,0 +1,311 @@
+"""Sprox's configuration: one `Config`, from flags > `SPROX_*` env > TOML file > defaults.
+
+Every setting is declared once in `SETTINGS`; the CLI flags, the environment variable
+names and the config-file keys are all derived from that table, so they cannot drift
+apart. Bad values raise `ConfigError` naming the setting, where it came from, and why.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+AUTH_MODES = ("none", "sigv4")
+ADDRESSING = ("auto", "path", "virtual")
+
+
+class ConfigError(ValueError):
+    """A setting has a bad value. `str()` is the message a user should see."""
+
+    def __init__(self, setting: str, message: str) -> None:
+        super().__init__(f"{setting}: {message}")
+        self.setting = setting
+
+
+@dataclass(frozen=True)
+class AccessKey:
+    """A key clients may sign with."""
+
+    access_key: str
+    secret_key: str
+
+
+def default_data_dir() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return Path(base) / "sprox"
+
+
+@dataclass(frozen=True)
+class Config:
+    """A validated configuration. Build one with keyword arguments (validated on
+    construction) or with `load()` from command-line values, environment and file."""
+
+    host: str = "127.0.0.1"
+    port: int = 9000
+    upstream: str | None = None
+    upstream_region: str | None = None
+    upstream_addressing: str = "auto"
+    upstream_timeout: float = 60.0
+    origin_dir: Path | None = None
+    domain: str | None = None
+    auth: str | None = None  # None: decided from keys and host (see `auth_mode`)
+    access_key: str | None = None
+    secret_key: str | None = None
+    keys: tuple[AccessKey, ...] = ()
+    log_level: str = "info"
+    config: Path | None = None
+
+    def __post_init__(self) -> None:
+        _validate(self)
+
+    # Derived views: computed, never stored twice.
+
+    @property
+    def access_keys(self) -> dict[str, str]:
+        """Every key clients may sign with: access key id -> secret."""
+        merged = {k.access_key: k.secret_key for k in self.keys}
+        if self.access_key:
+            merged[self.access_key] = self.secret_key or ""
+        return merged
+
+    @property
+    def auth_mode(self) -> str:
+        if self.auth:
+            return self.auth
+        return "sigv4" if self.access_keys else "none"
+
+    @property
+    def local_origin_dir(self) -> Path | None:
+        """The directory served as buckets, or None when fronting an S3 upstream."""
+        if self.upstream:
+            return None
+        return self.origin_dir or default_data_dir() / "origin"
+
+    @property
+    def endpoint(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    def with_port(self, port: int) -> Config:
+        return replace(self, port=port)
+
+
+# -- the settings table ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str  # Config field name; flag is --name-with-dashes, env SPROX_NAME
+    help: str
+    parse: Callable[[str], Any] = str
+    choices: tuple[str, ...] | None = None
+    metavar: str | None = None
+    secret: bool = False  # never echoed in messages
+    file_only: bool = False  # structured: config file only
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def env(self) -> str:
+        return "SPROX_" + self.name.upper()
+
+
+def _parse_int(text: str) -> int:
+    text = text.strip()
+    if not text.lstrip("-").isdigit():
+        raise ValueError(f"{text!r} is not a whole number")
+    return int(text)
+
+
+def _parse_float(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a number") from None
+
+
+def _parse_path(text: str) -> Path:
+    return Path(text).expanduser()
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("host", "address to listen on (default 127.0.0.1)", metavar="ADDR"),
+    Setting("port", "port to listen on; 0 picks a free one (default 9000)", _parse_int, metavar="PORT"),
+    Setting("upstream", "S3 endpoint to front, e.g. https://s3.us-east-1.amazonaws.com "
+            "(credentials from the standard AWS chain)", metavar="URL"),
+    Setting("upstream_region", "region to sign upstream requests for (default: AWS config, "
+            "else us-east-1)", metavar="REGION"),
+    Setting("upstream_addressing", "bucket addressing towards the upstream: auto (virtual-hosted "
+            "for AWS, path-style otherwise), path or virtual", choices=ADDRESSING),
+    Setting("upstream_timeout", "seconds to wait for the upstream to connect or send data "
+            "(default 60)", _parse_float, metavar="SECONDS"),
+    Setting("origin_dir", "serve this directory as buckets (one subdirectory per bucket) "
+            "instead of an S3 upstream", _parse_path, metavar="DIR"),
+    Setting("domain", "base domain for virtual-hosted requests (bucket.DOMAIN)", metavar="DOMAIN"),
+    Setting("auth", "how clients authenticate: none (loopback only) or sigv4 "
+            "(default: sigv4 when keys are configured, else none)", choices=AUTH_MODES),
+    Setting("access_key", "access key id clients sign with (sigv4)", metavar="KEY"),
+    Setting("secret_key", "secret key for --access-key", metavar="SECRET", secret=True),
+    Setting("keys", "several access keys ([[keys]] tables with access_key and secret_key)",
+            file_only=True),
+    Setting("log_level", "log verbosity", choices=LOG_LEVELS),
+    Setting("config", "TOML configuration file", _parse_path, metavar="FILE"),
+)
+SETTINGS_BY_NAME = {s.name: s for s in SETTINGS}
+
+
+def _convert(setting: Setting, raw: Any, source: str) -> Any:
+    where = {"flag": setting.flag, "env": setting.env, "file": setting.name}[source]
+    shown = "***" if setting.secret else repr(raw)
+    if setting.name == "keys":
+        return _convert_keys(raw, where)
+    if source == "file" and not isinstance(raw, str):
+        # TOML gives typed values; check the type rather than re-parsing text.
+        if setting.parse is _parse_int and isinstance(raw, int) and not isinstance(raw, bool):
+            return raw
+        if setting.parse is _parse_float and isinstance(raw, (int, float)) and not isinstance(raw, bool):
+            return float(raw)
+        raise ConfigError(where, f"expected a {'number' if setting.parse is not str else 'string'}, got {shown}")
+    try:
+        value = setting.parse(raw)
+    except ValueError as exc:
+        raise ConfigError(where, str(exc) if not setting.secret else "invalid value") from None
+    if setting.choices and value not in setting.choices:
+        raise ConfigError(where, f"{shown} is not one of {', '.join(setting.choices)}")
+    return value
+
+
+def _convert_keys(raw: Any, where: str) -> tuple[AccessKey, ...]:
+    if not isinstance(raw, list):
+        raise ConfigError(where, "expected a list of [[keys]] tables")
+    keys = []
+    for i, item in enumerate(raw):
+        if not isinstance(item, dict) or set(item) - {"access_key", "secret_key"} or \
+                not isinstance(item.get("access_key"), str) or not isinstance(item.get("secret_key"), str):
+            raise ConfigError(f"{where}[{i}]", "needs exactly the string fields access_key and secret_key")
+        keys.append(AccessKey(item["access_key"], item["secret_key"]))
+    return tuple(keys)
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError("--config", f"{str(path)!r} does not exist") from None
+    except OSError as exc:
+        raise ConfigError("--config", f"cannot read {str(path)!r}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("--config", f"{str(path)!r} is not valid TOML: {exc}") from None
+    # A [sprox] table is allowed so the file can be shared with other tools.
+    if isinstance(data.get("sprox"), dict):
+        data = data["sprox"]
+    values = {}
+    for name, raw in data.items():
+        key = name.replace("-", "_")
+        if key not in SETTINGS_BY_NAME or key == "config":
+            raise ConfigError(f"{path}: {name}", "unknown setting")
+        values[key] = _convert(SETTINGS_BY_NAME[key], raw, "file")
+    return values
+
+
+def load(flags: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> Config:
+    """Build a Config. `flags` maps setting names to raw strings (None = not given)."""
+    environ = os.environ if environ is None else environ
+    from_flags = {n: _convert(SETTINGS_BY_NAME[n], v, "flag") for n, v in flags.items() if v is not None}
+    from_env = {}
+    for setting in SETTINGS:
+        if not setting.file_only and setting.env in environ and environ[setting.env] != "":
+            from_env[setting.name] = _convert(setting, environ[setting.env], "env")
+    config_path = from_flags.get("config") or from_env.get("config")
+    from_file = read_config_file(config_path) if config_path else {}
+    merged = {**from_file, **from_env, **from_flags}
+    return Config(**merged)
+
+
+# -- validation ------------------------------------------------------------------------
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _validate(c: Config) -> None:
+    if not isinstance(c.port, int) or not 0 <= c.port <= 65535:
+        raise ConfigError("--port", f"{c.port!r} is not a port number (0-65535)")
+    if not c.host:
+        raise ConfigError("--host", "must not be empty")
+    if not is_loopback(c.host):
+        try:
+            socket.getaddrinfo(c.host, None, flags=socket.AI_NUMERICHOST)
+        except socket.gaierror:
+            # A name is allowed, but say which setting when it is plainly not one.
+            if any(ch in c.host for ch in "/ @"):
+                raise ConfigError("--host", f"{c.host!r} is not an address or host name") from None
+    if c.upstream is not None:
+        parts = urlsplit(c.upstream)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConfigError("--upstream", f"{c.upstream!r} is not an http(s) URL like https://s3.amazonaws.com")
+        if parts.path not in ("", "/") or parts.query or parts.fragment or parts.username:
+            raise ConfigError("--upstream", f"{c.upstream!r} must be a bare endpoint URL (no path, query or user)")
+        try:
+            parts.port
+        except ValueError:
+            raise ConfigError("--upstream", f"{c.upstream!r} has an invalid port") from None
+        if c.origin_dir is not None:
+            raise ConfigError("--origin-dir", "cannot be combined with --upstream: choose one origin")
+    if c.upstream_addressing not in ADDRESSING:
+        raise ConfigError("--upstream-addressing", f"{c.upstream_addressing!r} is not one of {', '.join(ADDRESSING)}")
+    if not (c.upstream_timeout > 0):
+        raise ConfigError("--upstream-timeout", f"{c.upstream_timeout!r} must be greater than 0")
+    if c.origin_dir is not None and c.origin_dir.exists() and not c.origin_dir.is_dir():
+        raise ConfigError("--origin-dir", f"{str(c.origin_dir)!r} exists and is not a directory")
+    if c.log_level not in LOG_LEVELS:
+        raise ConfigError("--log-level", f"{c.log_level!r} is not one of {', '.join(LOG_LEVELS)}")
+    if c.auth is not None and c.auth not in AUTH_MODES:
+        raise ConfigError("--auth", f"{c.auth!r} is not one of {', '.join(AUTH_MODES)}")
+    if bool(c.access_key) != bool(c.secret_key):
+        missing = "--secret-key" if c.access_key else "--access-key"
+        raise ConfigError(missing, "--access-key and --secret-key must be given together")
+    if c.auth_mode == "sigv4" and not c.access_keys:
+        raise ConfigError("--auth", "sigv4 needs at least one key (--access-key/--secret-key or [[keys]])")
+    if c.auth_mode == "none" and not is_loopback(c.host):
+        raise ConfigError(
+            "--auth",
+            f"none is only allowed on a loopback address, and --host is {c.host!r}: "
+            "configure keys (--access-key/--secret-key) to listen beyond this machine",
+        )
+    if c.domain is not None and (not c.domain or "/" in c.domain or ":" in c.domain):
+        raise ConfigError("--domain", f"{c.domain!r} is not a domain name")
+
+
+def describe(c: Config) -> dict[str, Any]:
+    """The effective settings, secrets masked (for logs and `--help` output)."""
+    out = {}
+    for f in fields(c):
+        value = getattr(c, f.name)
+        if f.name == "secret_key" and value:
+            value = "***"
+        elif f.name == "keys":
+            value = [k.access_key for k in value]
+        out[f.name] = value
+    return out
+
+
+__all__ = ["AccessKey", "Config", "ConfigError", "SETTINGS", "load", "is_loopback", "describe",
+           "default_data_dir"]

@@ -1,0 +1,136 @@
+"""A request body as S3 defines it: plain, or `aws-chunked` with optional trailers.
+
+Bodies are streamed, never held whole in memory. A body can be consumed once, either
+raw (the bytes on the wire) or decoded (the object's payload).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Protocol
+
+from . import errors
+
+READ_SIZE = 256 * 1024
+
+# x-amz-content-sha256 values that announce an aws-chunked body.
+STREAMING_SIGNED = "STREAMING-AWS4-HMAC-SHA256-PAYLOAD"
+STREAMING_SIGNED_TRAILER = "STREAMING-AWS4-HMAC-SHA256-PAYLOAD-TRAILER"
+STREAMING_UNSIGNED_TRAILER = "STREAMING-UNSIGNED-PAYLOAD-TRAILER"
+STREAMING_ECDSA = "STREAMING-AWS4-ECDSA-P256-SHA256-PAYLOAD"
+STREAMING_ECDSA_TRAILER = "STREAMING-AWS4-ECDSA-P256-SHA256-PAYLOAD-TRAILER"
+STREAMING_MODES = frozenset(
+    {STREAMING_SIGNED, STREAMING_SIGNED_TRAILER, STREAMING_UNSIGNED_TRAILER,
+     STREAMING_ECDSA, STREAMING_ECDSA_TRAILER}
+)
+
+
+class ByteReader(Protocol):
+    """What a body is read from (aiohttp's `StreamReader` fits)."""
+
+    async def read(self, n: int = -1) -> bytes: ...
+    async def readline(self) -> bytes: ...
+    async def readexactly(self, n: int) -> bytes: ...
+
+
+class RequestBody:
+    """An incoming request body.
+
+    `decoded_length` is the payload size (for aws-chunked bodies, the
+    `x-amz-decoded-content-length` header); `raw_length` the bytes on the wire.
+    After `decoded()` is exhausted, `trailers` holds any aws-chunked trailers
+    (e.g. `x-amz-checksum-crc32`)."""
+
+    def __init__(self, reader: ByteReader, content_sha256: str, raw_length: int | None,
+                 decoded_length: int | None, content_encoding: str = "") -> None:
+        self._reader = reader
+        self.content_sha256 = content_sha256
+        self.raw_length = raw_length
+        self.decoded_length = decoded_length
+        self.content_encoding = content_encoding
+        self.trailers: dict[str, str] = {}
+        self._consumed = False
+
+    @classmethod
+    def from_headers(cls, reader: ByteReader, headers) -> RequestBody:
+        sha = headers.get("x-amz-content-sha256", "")
+        raw_length = _int_header(headers, "Content-Length")
+        encoding_tokens = [t.strip() for t in headers.get("Content-Encoding", "").split(",") if t.strip()]
+        chunked = sha in STREAMING_MODES or "aws-chunked" in encoding_tokens
+        if chunked:
+            decoded = _int_header(headers, "x-amz-decoded-content-length")
+            if decoded is None:
+                raise errors.S3Error("MissingContentLength",
+                                     "You must provide the Content-Length HTTP header.", 411)
+        else:
+            decoded = raw_length
+        return cls(reader, sha, raw_length, decoded, ",".join(encoding_tokens))
+
+    @property
+    def aws_chunked(self) -> bool:
+        return self.content_sha256 in STREAMING_MODES or "aws-chunked" in self.content_encoding.split(",")
+
+    @property
+    def has_trailer(self) -> bool:
+        return self.content_sha256.endswith("-TRAILER")
+
+    def _claim(self) -> None:
+        if self._consumed:
+            raise RuntimeError("request body consumed twice")
+        self._consumed = True
+
+    async def raw(self) -> AsyncIterator[bytes]:
+        """The bytes on the wire, unchanged."""
+        self._claim()
+        remaining = self.raw_length
+        while remaining is None or remaining > 0:
+            chunk = await self._reader.read(READ_SIZE if remaining is None else min(READ_SIZE, remaining))
+            if not chunk:
+                break
+            if remaining is not None:
+                remaining -= len(chunk)
+            yield chunk
+        if remaining:
+            raise errors.S3Error("IncompleteBody",
+                                 "You did not provide the number of bytes specified by the "
+                                 "Content-Length HTTP header", 400)
+
+    async def decoded(self) -> AsyncIterator[bytes]:
+        """The payload: aws-chunked framing removed, length checked."""
+        if not self.aws_chunked:
+            async for chunk in self.raw():
+                yield chunk
+            return
+        from .chunked import AwsChunkedDecoder
+
+        self._claim()
+        decoder = AwsChunkedDecoder(self._reader, with_trailer=self.has_trailer)
+        total = 0
+        async for chunk in decoder:
+            total += len(chunk)
+            yield chunk
+        self.trailers = decoder.trailers
+        if self.decoded_length is not None and total != self.decoded_length:
+            raise errors.S3Error("IncompleteBody",
+                                 "You did not provide the number of bytes specified by the "
+                                 "x-amz-decoded-content-length HTTP header", 400)
+
+    async def read_all(self, limit: int) -> bytes:
+        """The whole payload, for small XML bodies; refuses more than `limit` bytes."""
+        parts = []
+        size = 0
+        async for chunk in self.decoded():
+            size += len(chunk)
+            if size > limit:
+                raise errors.S3Error("MaxMessageLengthExceeded", "Your request was too big.", 400)
+            parts.append(chunk)
+        return b"".join(parts)
+
+
+def _int_header(headers, name: str) -> int | None:
+    value = headers.get(name)
+    if value is None:
+        return None
+    if not value.isdigit():
+        raise errors.invalid_argument(f"{name} must be a non-negative integer", name, value)
+    return int(value)

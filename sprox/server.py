@@ -1,0 +1,139 @@
+"""The Sprox server: builds the origin and the aiohttp app, starts, stops gracefully.
+
+`Sprox` is the public embedding API (an async context manager), and `run_in_thread`
+runs one on a background thread for synchronous programs and test suites; the CLI is a
+thin layer over the same class.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from aiohttp import web
+
+from .config import Config
+from .frontend import FrontEnd
+from .upstream.base import Origin
+
+log = logging.getLogger("sprox")
+
+ADMIN_PREFIX = "/_sprox/"
+
+
+def make_origin(config: Config) -> Origin:
+    if config.upstream:
+        from .upstream.s3 import S3Upstream
+
+        return S3Upstream(config.upstream, region=config.upstream_region,
+                          addressing=config.upstream_addressing, timeout=config.upstream_timeout)
+    from .upstream.local import LocalOrigin
+
+    assert config.local_origin_dir is not None
+    return LocalOrigin(config.local_origin_dir)
+
+
+class Sprox:
+    """A running Sprox. Use as `async with Sprox(config) as sprox: sprox.endpoint`.
+
+    Keyword arguments are Config fields: `Sprox(origin_dir="/data", port=0)`."""
+
+    def __init__(self, config: Config | None = None, **settings: Any) -> None:
+        if config is not None and settings:
+            raise TypeError("pass a Config or keyword settings, not both")
+        self.config = config if config is not None else Config(**settings)
+        self.origin: Origin = make_origin(self.config)
+        verifier = None
+        if self.config.auth_mode == "sigv4":
+            from .s3.sigv4 import SigV4Verifier
+
+            verifier = SigV4Verifier(self.config.access_keys)
+        self.frontend = FrontEnd(self.origin, verifier=verifier, domain=self.config.domain)
+        self._runner: web.AppRunner | None = None
+        self.port: int | None = None
+
+    @property
+    def endpoint(self) -> str:
+        """The URL clients use, e.g. http://127.0.0.1:9000."""
+        if self.port is None:
+            raise RuntimeError("Sprox is not started")
+        return self.config.with_port(self.port).endpoint
+
+    def build_app(self) -> web.Application:
+        app = web.Application(handler_args={"max_field_size": 16384, "max_line_size": 16384})
+        app.router.add_get(ADMIN_PREFIX + "health", self._health)
+        app.router.add_route("*", "/{tail:.*}", self.frontend.handle)
+        return app
+
+    async def _health(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok", "origin": self.origin.description})
+
+    async def start(self) -> None:
+        await self.origin.start()
+        try:
+            self._runner = web.AppRunner(self.build_app(), access_log=None, handle_signals=False,
+                                         shutdown_timeout=10.0)
+            await self._runner.setup()
+            site = web.TCPSite(self._runner, self.config.host, self.config.port, reuse_address=True)
+            await site.start()
+        except BaseException:
+            await self.stop()
+            raise
+        sockets = site._server.sockets if site._server else ()  # aiohttp has no public accessor
+        self.port = sockets[0].getsockname()[1] if sockets else self.config.port
+
+    async def stop(self) -> None:
+        """Stop accepting, let in-flight responses finish, release the origin."""
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+        await self.origin.close()
+
+    async def __aenter__(self) -> Sprox:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+
+@contextmanager
+def run_in_thread(config: Config | None = None, **settings: Any) -> Iterator[Sprox]:
+    """Run Sprox on a background thread with its own event loop; yields the running
+    `Sprox` (use `.endpoint`). Defaults to an ephemeral port when none is given."""
+    if config is None:
+        settings.setdefault("port", 0)
+    sprox = Sprox(config, **settings)
+    loop = asyncio.new_event_loop()
+    started = threading.Event()
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        asyncio.set_event_loop(loop)
+        try:
+            loop.run_until_complete(sprox.start())
+        except BaseException as exc:  # reported to the caller below
+            failure.append(exc)
+            started.set()
+            return
+        started.set()
+        loop.run_forever()
+        loop.run_until_complete(sprox.stop())
+        loop.close()
+
+    thread = threading.Thread(target=run, name="sprox", daemon=True)
+    thread.start()
+    started.wait()
+    if failure:
+        thread.join()
+        loop.close()
+        raise failure[0]
+    try:
+        yield sprox
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join()

@@ -1,0 +1,270 @@
+"""An S3 endpoint as the origin: requests are re-addressed, re-signed and streamed.
+
+The upstream is fixed by configuration. A request can choose the bucket, key, query
+and end-to-end headers, never the host Sprox connects to. The client's own
+Authorization, date and token headers are for Sprox, not the upstream: they are
+dropped, and Sprox signs afresh with credentials from botocore's standard chain.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import AsyncIterator
+from urllib.parse import quote, urlsplit
+
+import aiohttp
+import botocore.session
+from botocore.auth import EMPTY_SHA256_HASH, UNSIGNED_PAYLOAD, S3SigV4Auth
+from botocore.awsrequest import AWSRequest
+from multidict import CIMultiDict
+from yarl import URL
+
+from .._version import __version__
+from ..s3 import errors
+from ..s3.body import STREAMING_UNSIGNED_TRAILER, RequestBody
+from ..s3.request import S3Request
+from .base import OriginResponse
+
+log = logging.getLogger("sprox.upstream")
+
+READ_SIZE = 256 * 1024
+
+# Headers that describe one hop of a connection, or that authenticate the client to
+# Sprox: none of them may be forwarded in either direction.
+HOP_BY_HOP = frozenset(
+    {
+        "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection",
+        "te", "trailer", "transfer-encoding", "upgrade", "expect", "host", "content-length",
+    }
+)
+CLIENT_AUTH = frozenset({"authorization", "x-amz-date", "date", "x-amz-security-token", "x-amz-content-sha256"})
+# Response headers Sprox recomputes or that only made sense on the upstream's hop.
+RESPONSE_DROP = frozenset({"connection", "keep-alive", "transfer-encoding", "content-length", "server", "date"})
+
+RETRYABLE_STATUS = frozenset({500, 502, 503, 504})
+MAX_ATTEMPTS = 3
+
+
+class SproxSigner(S3SigV4Auth):
+    """botocore's S3 SigV4 signer, with the payload hash chosen by Sprox (the body is
+    a stream botocore cannot hash) and only the headers S3 needs signed, so nothing a
+    connection library adds or reorders can break the signature."""
+
+    def payload(self, request):  # noqa: D102 - botocore hook
+        return request.context["sprox_payload_hash"]
+
+    def headers_to_sign(self, request):  # noqa: D102 - botocore hook
+        headers = super().headers_to_sign(request)
+        for name in list(headers.keys()):
+            if not (name in ("host", "content-md5", "content-type") or name.startswith("x-amz-")):
+                del headers[name]
+        return headers
+
+
+class S3Upstream:
+    """Forwards S3 requests to one S3 endpoint."""
+
+    def __init__(self, endpoint: str, *, region: str | None = None, addressing: str = "auto",
+                 timeout: float = 60.0, max_connections: int = 256) -> None:
+        parts = urlsplit(endpoint)
+        self._scheme = parts.scheme
+        self._netloc = parts.netloc
+        self._host = parts.hostname or ""
+        self._region_setting = region
+        self.region = region or "us-east-1"
+        if addressing == "auto":
+            addressing = "virtual" if self._host.endswith(".amazonaws.com") else "path"
+        self._addressing = addressing
+        self._timeout = timeout
+        self._max_connections = max_connections
+        self._session: aiohttp.ClientSession | None = None
+        self._credentials = None
+        self.description = f"S3 endpoint {self._scheme}://{self._netloc} ({self.region}, {addressing}-style)"
+
+    async def start(self) -> None:
+        # Resolving the credential chain may touch files or the instance metadata
+        # service: do it once, off the event loop.
+        def resolve():
+            session = botocore.session.Session()
+            region = self._region_setting or session.get_config_variable("region") or "us-east-1"
+            return session.get_credentials(), region
+
+        self._credentials, self.region = await asyncio.to_thread(resolve)
+        self.description = (f"S3 endpoint {self._scheme}://{self._netloc} "
+                            f"({self.region}, {self._addressing}-style)")
+        if self._credentials is None:
+            log.warning("no AWS credentials found: upstream requests will be sent unsigned")
+        connector = aiohttp.TCPConnector(limit=self._max_connections, ttl_dns_cache=300)
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            auto_decompress=False,  # bytes pass through exactly as stored
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=self._timeout, sock_read=self._timeout),
+            skip_auto_headers=("Accept-Encoding", "Content-Type"),
+            headers={"User-Agent": f"sprox/{__version__}"},
+        )
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    # -- addressing --------------------------------------------------------------------
+
+    def url_for(self, request: S3Request) -> str:
+        """The upstream URL (already percent-encoded) for a request."""
+        path = ""
+        netloc = self._netloc
+        if request.bucket is not None:
+            if self._addressing == "virtual" and _dns_compatible(request.bucket):
+                netloc = f"{request.bucket}.{self._netloc}"
+            else:
+                path = "/" + quote(request.bucket, safe="")
+        path += "/"
+        if request.key is not None:
+            path += encode_key(request.key)
+        query = "&".join(f"{quote(k, safe='-_.~')}={quote(v, safe='-_.~')}" for k, v in request.query.items())
+        return f"{self._scheme}://{netloc}{path}" + (f"?{query}" if query else "")
+
+    # -- forwarding ----------------------------------------------------------------------
+
+    async def send(self, request: S3Request) -> OriginResponse:
+        assert self._session is not None, "start() was not called"
+        url = self.url_for(request)
+        headers = forwarded_headers(request.headers)
+        body = request.body
+        data: AsyncIterator[bytes] | None = None
+        payload_hash = EMPTY_SHA256_HASH
+        if body is not None and (body.raw_length or body.aws_chunked):
+            data, payload_hash = _prepare_body(body, request.headers, headers)
+        elif request.method in ("PUT", "POST"):
+            headers["Content-Length"] = "0"
+
+        # Only requests without a body can be replayed: a streamed body is gone once sent.
+        attempts = MAX_ATTEMPTS if data is None else 1
+        for attempt in range(1, attempts + 1):
+            signed = await self._sign(request.method, url, headers, payload_hash)
+            try:
+                response = await self._session.request(
+                    request.method, URL(url, encoded=True), headers=signed, data=data,
+                    allow_redirects=False,
+                )
+            except asyncio.TimeoutError:
+                if attempt < attempts:
+                    await _backoff(attempt)
+                    continue
+                raise errors.gateway_timeout(f"The upstream did not answer within {self._timeout:g} s.") from None
+            except aiohttp.ClientError as exc:
+                if attempt < attempts:
+                    await _backoff(attempt)
+                    continue
+                log.warning("upstream request failed: %s %s: %s", request.method, url, exc)
+                raise errors.bad_gateway(f"The upstream could not be reached: {type(exc).__name__}.") from None
+            if response.status in RETRYABLE_STATUS and attempt < attempts:
+                response.release()
+                await _backoff(attempt)
+                continue
+            return OriginResponse(
+                response.status,
+                response_headers(response.headers),
+                _iter_response(response, self._timeout),
+                on_close=response.release,
+            )
+        raise AssertionError("unreachable")
+
+    async def _sign(self, method: str, url: str, headers: CIMultiDict[str], payload_hash: str) -> dict[str, str]:
+        creds = self._credentials
+        out = dict(headers)
+        if creds is None:
+            return out
+        if getattr(creds, "refresh_needed", None) and creds.refresh_needed():
+            # Refreshing may call STS or the metadata service: keep it off the loop.
+            frozen = await asyncio.to_thread(creds.get_frozen_credentials)
+        else:
+            frozen = creds.get_frozen_credentials()
+        aws_request = AWSRequest(method=method, url=url, headers=out)
+        aws_request.context["sprox_payload_hash"] = payload_hash
+        SproxSigner(frozen, "s3", self.region).add_auth(aws_request)
+        return dict(aws_request.headers.items())
+
+
+def encode_key(key: str) -> str:
+    """Percent-encode a key for a URL path, keeping `/`. Dot segments are encoded
+    too, so no HTTP library or server on the way can collapse `a/../b` into `b`."""
+    segments = quote(key, safe="/~").split("/")
+    return "/".join("%2E" * len(s) if s in (".", "..") else s for s in segments)
+
+
+def _dns_compatible(bucket: str) -> bool:
+    return bucket == bucket.lower() and "." not in bucket and "_" not in bucket
+
+
+def forwarded_headers(client_headers) -> CIMultiDict[str]:
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in client_headers.items():
+        lname = name.lower()
+        if lname in HOP_BY_HOP or lname in CLIENT_AUTH or lname == "user-agent":
+            continue
+        out.add(name, value)
+    return out
+
+
+def response_headers(upstream_headers) -> CIMultiDict[str]:
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in upstream_headers.items():
+        if name.lower() not in RESPONSE_DROP:
+            out.add(name, value)
+    if "Content-Length" in upstream_headers:
+        out["Content-Length"] = upstream_headers["Content-Length"]
+    return out
+
+
+def _prepare_body(body: RequestBody, client_headers, headers: CIMultiDict[str]) -> tuple[AsyncIterator[bytes], str]:
+    """Choose how the body travels upstream; returns (byte stream, payload hash)."""
+    client_hash = client_headers.get("x-amz-content-sha256", "")
+    if not body.aws_chunked:
+        headers["Content-Length"] = str(body.raw_length)
+        # The same bytes go upstream, so a real payload hash stays valid and lets the
+        # upstream check integrity end to end.
+        is_hash = len(client_hash) == 64 and all(c in "0123456789abcdef" for c in client_hash)
+        return body.raw(), client_hash if is_hash else UNSIGNED_PAYLOAD
+    if body.content_sha256 == STREAMING_UNSIGNED_TRAILER:
+        # Unsigned aws-chunked framing carries no signature of the client's: pass it
+        # through unchanged, so the upstream verifies and stores the trailing checksum.
+        headers["Content-Length"] = str(body.raw_length)
+        return body.raw(), STREAMING_UNSIGNED_TRAILER
+    # Signed streaming: the chunk signatures are bound to the client's key for Sprox.
+    # Unwrap the framing and send the payload plainly.
+    encodings = [e for e in body.content_encoding.split(",") if e and e != "aws-chunked"]
+    if encodings:
+        headers["Content-Encoding"] = ",".join(encodings)
+    else:
+        headers.popall("Content-Encoding", None)
+    headers.popall("x-amz-decoded-content-length", None)
+    headers.popall("x-amz-trailer", None)
+    headers["Content-Length"] = str(body.decoded_length)
+    return body.decoded(), UNSIGNED_PAYLOAD
+
+
+async def _iter_response(response: aiohttp.ClientResponse, timeout: float) -> AsyncIterator[bytes]:
+    try:
+        while True:
+            chunk = await response.content.read(READ_SIZE)
+            if not chunk:
+                break
+            yield chunk
+    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        # Headers are already on their way to the client: the only honest signal left
+        # is to cut the response short, which the server does on this exception.
+        log.warning("upstream body failed mid-stream: %s", exc)
+        raise UpstreamBodyError(str(exc)) from exc
+
+
+class UpstreamBodyError(Exception):
+    """The upstream failed after its response headers were sent."""
+
+
+async def _backoff(attempt: int) -> None:
+    # Full jitter: spreads retries from many requests that failed together.
+    await asyncio.sleep(random.uniform(0, 0.1 * (2 ** attempt)))
