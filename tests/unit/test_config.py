@@ -1,0 +1,100 @@
+"""Configuration: precedence flags > env > file, and every bad value named clearly."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sprox.config import Config, ConfigError, load
+
+
+def test_defaults_are_a_loopback_local_origin_without_auth():
+    c = load({}, environ={})
+    assert (c.host, c.port, c.auth_mode) == ("127.0.0.1", 9000, "none")
+    assert c.upstream is None and c.local_origin_dir is not None
+
+
+def test_precedence_flags_over_env_over_file(tmp_path: Path):
+    cfg = tmp_path / "sprox.toml"
+    cfg.write_text('port = 7000\nlog_level = "debug"\nupstream_region = "eu-west-1"\n')
+    env = {"SPROX_CONFIG": str(cfg), "SPROX_PORT": "8000", "SPROX_LOG_LEVEL": "warning"}
+    c = load({"port": "9100"}, environ=env)
+    assert c.port == 9100  # flag beats env and file
+    assert c.log_level == "warning"  # env beats file
+    assert c.upstream_region == "eu-west-1"  # file beats default
+
+
+def test_several_keys_from_file_turn_on_sigv4(tmp_path: Path):
+    cfg = tmp_path / "sprox.toml"
+    cfg.write_text('[[keys]]\naccess_key = "a1"\nsecret_key = "s1"\n[[keys]]\naccess_key = "a2"\nsecret_key = "s2"\n')
+    c = load({"config": str(cfg)}, environ={})
+    assert c.access_keys == {"a1": "s1", "a2": "s2"} and c.auth_mode == "sigv4"
+
+
+BAD = [
+    # (flags, env, setting named in the message)
+    ({"port": "abc"}, {}, "--port"),
+    ({"port": "70000"}, {}, "--port"),
+    ({}, {"SPROX_PORT": "-1"}, "--port"),
+    ({"upstream": "ftp://x"}, {}, "--upstream"),
+    ({"upstream": "http://host/path"}, {}, "--upstream"),
+    ({"upstream": "http://h", "origin_dir": "/tmp"}, {}, "--origin-dir"),
+    ({"log_level": "loud"}, {}, "--log-level"),
+    ({"auth": "basic"}, {}, "--auth"),
+    ({"auth": "sigv4"}, {}, "--auth"),
+    ({"host": "0.0.0.0"}, {}, "--auth"),  # no keys beyond loopback
+    ({"host": "0.0.0.0", "auth": "none", "access_key": "a", "secret_key": "b"}, {}, "--auth"),
+    ({"access_key": "a"}, {}, "--secret-key"),
+    ({"upstream_timeout": "0"}, {}, "--upstream-timeout"),
+    ({"upstream_addressing": "sideways"}, {}, "--upstream-addressing"),
+    ({}, {"SPROX_UPSTREAM_TIMEOUT": "soon"}, "SPROX_UPSTREAM_TIMEOUT"),
+    ({"config": "/nonexistent/sprox.toml"}, {}, "--config"),
+]
+
+
+@pytest.mark.parametrize("flags,env,setting", BAD)
+def test_bad_values_name_the_setting(flags, env, setting):
+    with pytest.raises(ConfigError) as info:
+        load(flags, environ=env)
+    assert setting in str(info.value)
+
+
+def test_bad_file_values_name_the_file_and_setting(tmp_path: Path):
+    cfg = tmp_path / "sprox.toml"
+    cfg.write_text('port = "nine"\n')
+    with pytest.raises(ConfigError, match="port"):
+        load({"config": str(cfg)}, environ={})
+    cfg.write_text('colour = "blue"\n')
+    with pytest.raises(ConfigError, match="colour: unknown setting"):
+        load({"config": str(cfg)}, environ={})
+    cfg.write_text("port = \n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load({"config": str(cfg)}, environ={})
+
+
+def test_sigv4_beyond_loopback_is_allowed_with_keys():
+    c = Config(host="0.0.0.0", access_key="ak", secret_key="sk")
+    assert c.auth_mode == "sigv4"
+
+
+def test_cli_exits_nonzero_naming_the_setting():
+    result = subprocess.run([sys.executable, "-m", "sprox", "serve", "--port", "nope"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "--port" in result.stderr and "nope" in result.stderr
+
+
+def test_cli_rejects_unknown_choice_naming_the_flag():
+    result = subprocess.run([sys.executable, "-m", "sprox", "serve", "--auth", "maybe"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "--auth" in result.stderr
+
+
+def test_cli_version_says_whether_native_code_loaded():
+    result = subprocess.run([sys.executable, "-m", "sprox", "--version"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and result.stdout.startswith("sprox ")
+    assert "native" in result.stdout or "pure-Python" in result.stdout
