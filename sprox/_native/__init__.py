@@ -1,0 +1,1 @@
+"""Compiled hot path; each module has a pure-Python twin."""
