@@ -1,0 +1,513 @@
+"""Inbound AWS Signature Version 4 verification, the way S3 checks it.
+
+`SigV4Verifier.verify` authenticates a request a client sent to Sprox, signed either in
+the `Authorization` header or as a presigned URL (query parameters), and returns the
+access key id that signed it. Every failure is an `S3Error` with S3's own code, status
+and message, so client libraries react to Sprox as they would to S3.
+
+What S3 does, and so what this module does:
+
+- The canonical URI is the request path exactly as the client sent it: S3 neither
+  normalises it (`a/../b` is a key) nor encodes it a second time.
+- The canonical query is every query parameter decoded and re-encoded per RFC 3986,
+  so `+`, `%20`, `%2f` and `%2F` mean what they mean to the request parser.
+- Any region in the credential scope is accepted (clients pick their own region);
+  the service must be `s3`.
+- The payload hash is whatever the client put in `x-amz-content-sha256`; whether the
+  body matches it is checked by whoever reads the body, not here.
+- Every `x-amz-*` header the request carries must be signed, or a client's signed
+  request could be extended by anyone on the path with headers Sprox then acts on.
+
+Only `AWS4-HMAC-SHA256` is supported: no SigV2, no SigV4a (ECDSA), no POST policies.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from email.utils import parsedate_to_datetime
+from urllib.parse import quote, unquote_to_bytes
+
+from multidict import CIMultiDictProxy
+
+from . import errors
+from .errors import S3Error
+from .request import S3Request
+
+ALGORITHM = "AWS4-HMAC-SHA256"
+SERVICE = "s3"
+SCOPE_TERMINATOR = "aws4_request"
+UNSIGNED_PAYLOAD = "UNSIGNED-PAYLOAD"
+
+# S3's limits: requests may be 15 minutes off the server's clock, presigned URLs may
+# live at most 7 days.
+DEFAULT_MAX_SKEW_SECONDS = 15 * 60
+MAX_PRESIGN_EXPIRES_SECONDS = 7 * 24 * 3600
+
+# Signing keys change once a day per (secret, region): a few hundred entries cover
+# every key and region a deployment sees, and bound what a client can make us keep.
+SIGNING_KEY_CACHE_SIZE = 256
+
+_AMZ_DATE_FORMAT = "%Y%m%dT%H%M%SZ"
+_AMZ_DATE_RE = re.compile(r"[0-9]{8}T[0-9]{6}Z")
+_SCOPE_DATE_RE = re.compile(r"[0-9]{8}")
+# The canonical form trims a header value and collapses inner runs of blanks.
+_BLANK_RUN_RE = re.compile(r"[ \t]+")
+
+# Presigned-URL parameters, in the order S3's error message lists them.
+_QUERY_AUTH_PARAMS = (
+    "X-Amz-Algorithm",
+    "X-Amz-Credential",
+    "X-Amz-Signature",
+    "X-Amz-Date",
+    "X-Amz-SignedHeaders",
+    "X-Amz-Expires",
+)
+# Any of these in the query means the client meant query authentication.
+_QUERY_AUTH_MARKERS = frozenset({"X-Amz-Algorithm", "X-Amz-Credential", "X-Amz-Signature"})
+
+# Carried in the canonical request as the payload hash, so covered even when the
+# client leaves it out of SignedHeaders.
+_AMZ_HEADERS_COVERED_ANYWAY = frozenset({"x-amz-content-sha256"})
+
+
+@dataclass(frozen=True, slots=True)
+class SignatureFields:
+    """What an `Authorization` header (or the presign query parameters) declare."""
+
+    access_key: str
+    date: str  # YYYYMMDD, from the credential scope
+    region: str
+    service: str
+    signed_headers: tuple[str, ...]  # lower-cased, in the order the client listed them
+    signature: str
+
+    @property
+    def scope(self) -> str:
+        """The credential scope without the access key (`date/region/s3/aws4_request`)."""
+        return f"{self.date}/{self.region}/{self.service}/{SCOPE_TERMINATOR}"
+
+
+@dataclass(frozen=True, slots=True)
+class VerifiedRequest:
+    """A request whose signature checked out, with what streaming uploads need to
+    verify their chunk signatures: the seed signature, scope, timestamp and key."""
+
+    access_key: str
+    region: str
+    timestamp: str  # ISO 8601 basic (20240517T120000Z), as in the string to sign
+    scope: str
+    signature: str
+    presigned: bool
+    signing_key: bytes = field(repr=False)
+
+
+# --- errors -----------------------------------------------------------------------
+
+
+def _header_malformed(detail: str) -> S3Error:
+    return S3Error("AuthorizationHeaderMalformed",
+                   f"The authorization header is malformed; {detail}", 400)
+
+
+def _query_malformed(message: str) -> S3Error:
+    return S3Error("AuthorizationQueryParametersError", message, 400)
+
+
+def _credential_malformed(detail: str) -> S3Error:
+    return _query_malformed(f"Error parsing the X-Amz-Credential parameter; {detail}")
+
+
+def _unsupported_mechanism() -> S3Error:
+    return errors.invalid_request(
+        "The authorization mechanism you have provided is not supported. "
+        "Please use AWS4-HMAC-SHA256.")
+
+
+def _invalid_access_key(access_key: str) -> S3Error:
+    return S3Error("InvalidAccessKeyId",
+                   "The AWS Access Key Id you provided does not exist in our records.", 403,
+                   extra={"AWSAccessKeyId": access_key})
+
+
+def _missing_date() -> S3Error:
+    return errors.access_denied("AWS authentication requires a valid Date or x-amz-date header")
+
+
+def _iso8601(epoch_seconds: float) -> str:
+    return datetime.fromtimestamp(epoch_seconds, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+# --- parsing ----------------------------------------------------------------------
+
+
+def _parse_credential(credential: str, malformed: Callable[[str], S3Error]
+                      ) -> tuple[str, str, str, str]:
+    """Split `AKID/YYYYMMDD/region/s3/aws4_request` into (access key, date, region,
+    service), raising `malformed(detail)` with S3's wording when it is not that."""
+    parts = credential.split("/")
+    if len(parts) != 5 or not all(parts):
+        raise malformed('the Credential is mal-formed; expecting '
+                        '"<YOUR-AKID>/YYYYMMDD/REGION/SERVICE/aws4_request".')
+    access_key, date, region, service, terminator = parts
+    if not _SCOPE_DATE_RE.fullmatch(date):
+        raise malformed(f'incorrect date format "{date}". This date in the credential must be '
+                        f'in the format "yyyyMMdd".')
+    if service != SERVICE:
+        raise malformed(f'incorrect service "{service}". This endpoint belongs to "{SERVICE}".')
+    if terminator != SCOPE_TERMINATOR:
+        raise malformed(f'incorrect terminal "{terminator}". This endpoint uses '
+                        f'"{SCOPE_TERMINATOR}".')
+    return access_key, date, region, service
+
+
+def _parse_signed_headers(value: str, malformed: Callable[[str], S3Error]) -> tuple[str, ...]:
+    names = tuple(name.lower() for name in value.split(";"))
+    if not all(names):
+        raise malformed(f'the SignedHeaders "{value}" are mal-formed.')
+    if "host" not in names:
+        # S3 requires the Host header to be signed: without it a request signed for
+        # one endpoint could be replayed against another.
+        raise malformed("the host header must be signed.")
+    return names
+
+
+def parse_authorization(header: str) -> SignatureFields:
+    """Parse an `Authorization: AWS4-HMAC-SHA256 Credential=..., SignedHeaders=...,
+    Signature=...` header.
+
+    Raises `S3Error`: InvalidRequest for SigV2 (`AWS key:sig`), InvalidArgument for
+    any other scheme, AuthorizationHeaderMalformed for a bad SigV4 header."""
+    scheme, _, rest = header.strip().partition(" ")
+    if scheme == "AWS":
+        raise _unsupported_mechanism()
+    if scheme != ALGORITHM:
+        raise errors.S3Error("InvalidArgument", "Unsupported Authorization Type", 400,
+                             extra={"ArgumentName": "Authorization", "ArgumentValue": header})
+    components: dict[str, str] = {}
+    for part in rest.split(","):
+        part = part.strip()
+        name, sep, value = part.partition("=")
+        known = name in ("Credential", "SignedHeaders", "Signature")
+        if not sep or not known or name in components:
+            raise _header_malformed(f'the authorization component "{part}" is malformed.')
+        components[name] = value
+    if len(components) != 3:
+        raise _header_malformed("the authorization header requires three components: "
+                                "Credential, SignedHeaders, and Signature.")
+    access_key, date, region, service = _parse_credential(components["Credential"],
+                                                          _header_malformed)
+    signed_headers = _parse_signed_headers(components["SignedHeaders"], _header_malformed)
+    return SignatureFields(access_key, date, region, service, signed_headers,
+                           components["Signature"])
+
+
+@dataclass(frozen=True, slots=True)
+class _QueryParam:
+    encoded_name: str  # RFC 3986, as it goes into the canonical query
+    encoded_value: str
+    name: str  # decoded, to look up presign parameters
+    value: str
+
+
+def _rfc3986(raw: str) -> tuple[str, str]:
+    """Decode one query component the way the request parser does ('+' is a space)
+    and re-encode it the way SigV4 wants; returns (encoded, decoded)."""
+    # Work on bytes so a client's non-UTF-8 escape still has one canonical form.
+    data = unquote_to_bytes(raw.replace("+", " "))
+    return quote(data, safe="-_.~"), data.decode("utf-8", "replace")
+
+
+def _parse_raw_query(raw_query: str) -> list[_QueryParam]:
+    params = []
+    for pair in raw_query.split("&"):
+        if not pair:
+            continue  # `a=1&&b=2`: the request parser ignores empty pairs as well
+        raw_name, _, raw_value = pair.partition("=")  # `?uploads` has an empty value
+        encoded_name, name = _rfc3986(raw_name)
+        encoded_value, value = _rfc3986(raw_value)
+        params.append(_QueryParam(encoded_name, encoded_value, name, value))
+    return params
+
+
+def _canonical_query(params: list[_QueryParam], exclude: str | None) -> str:
+    pairs = sorted((p.encoded_name, p.encoded_value) for p in params if p.name != exclude)
+    return "&".join(f"{name}={value}" for name, value in pairs)
+
+
+def canonical_query_string(raw_query: str, *, exclude: str | None = None) -> str:
+    """The canonical query of a raw query string: every parameter (but `exclude`)
+    decoded, RFC 3986 encoded, sorted by name then value."""
+    return _canonical_query(_parse_raw_query(raw_query), exclude)
+
+
+def canonical_headers(headers: CIMultiDictProxy[str], names: tuple[str, ...]) -> str:
+    """The canonical header block: one `name:value\\n` line per signed header."""
+    lines = []
+    for name in names:
+        values = (_BLANK_RUN_RE.sub(" ", v).strip(" \t") for v in headers.getall(name, ()))
+        lines.append(f"{name}:{','.join(values)}\n")
+    return "".join(lines)
+
+
+def canonical_request(method: str, raw_path: str, query: str, headers_block: str,
+                      signed_headers: tuple[str, ...], payload_hash: str) -> str:
+    return "\n".join((method, raw_path, query, headers_block, ";".join(signed_headers),
+                      payload_hash))
+
+
+def string_to_sign(timestamp: str, scope: str, canonical: str) -> str:
+    # surrogateescape: header bytes aiohttp could not decode hash as the client sent them.
+    digest = hashlib.sha256(canonical.encode("utf-8", "surrogateescape")).hexdigest()
+    return f"{ALGORITHM}\n{timestamp}\n{scope}\n{digest}"
+
+
+def derive_signing_key(secret_key: str, date: str, region: str, service: str = SERVICE) -> bytes:
+    """kSigning = HMAC(HMAC(HMAC(HMAC("AWS4" + secret, date), region), service), "aws4_request")."""
+    key = ("AWS4" + secret_key).encode()
+    for part in (date, region, service, SCOPE_TERMINATOR):
+        # surrogateescape: the region comes from the client, bytes and all.
+        key = hmac.new(key, part.encode("utf-8", "surrogateescape"), hashlib.sha256).digest()
+    return key
+
+
+def _parse_amz_date(value: str) -> float | None:
+    if not _AMZ_DATE_RE.fullmatch(value):
+        return None
+    try:
+        return datetime.strptime(value, _AMZ_DATE_FORMAT).replace(tzinfo=timezone.utc).timestamp()
+    except ValueError:  # 20241399T...: the right shape, not a date
+        return None
+
+
+# --- verification -----------------------------------------------------------------
+
+
+class SigV4Verifier:
+    """Checks SigV4 signatures against a table of access key id → secret key.
+
+    `keys` is read on every request, so a caller may swap secrets in place. `clock`
+    returns the current time in epoch seconds (tests pass a fixed one)."""
+
+    def __init__(
+        self,
+        keys: Mapping[str, str],
+        *,
+        clock: Callable[[], float] = time.time,
+        max_skew_seconds: int = DEFAULT_MAX_SKEW_SECONDS,
+        signing_key_cache_size: int = SIGNING_KEY_CACHE_SIZE,
+    ) -> None:
+        self._keys = keys
+        self._clock = clock
+        self._max_skew = max_skew_seconds
+        self._cache_size = signing_key_cache_size
+        # (secret, date, region, service) → signing key; dicts keep insertion order, so
+        # the first entry is the oldest and is the one evicted.
+        self._signing_keys: dict[tuple[str, str, str, str], bytes] = {}
+
+    def verify(self, request: S3Request) -> str:
+        """The access key id that signed `request`; raises `S3Error` otherwise."""
+        return self.authenticate(request).access_key
+
+    def authenticate(self, request: S3Request) -> VerifiedRequest:
+        """Like `verify`, returning what chunk-signature checks need as well."""
+        authorization = request.headers.getall("Authorization", [])
+        query = _parse_raw_query(request.raw_query)
+        query_auth = any(p.name in _QUERY_AUTH_MARKERS for p in query)
+        if authorization and query_auth:
+            raise errors.S3Error(
+                "InvalidArgument",
+                "Only one auth mechanism allowed; only the X-Amz-Algorithm query parameter, "
+                "Signature query string parameter or the Authorization header should be specified",
+                400, extra={"ArgumentName": "Authorization",
+                            "ArgumentValue": authorization[0]})
+        if len(authorization) > 1:
+            raise _header_malformed("only one Authorization header is allowed.")
+        if authorization:
+            return self._verify_header(request, authorization[0], query)
+        if query_auth:
+            return self._verify_presigned(request, query)
+        names = {p.name for p in query}
+        if "Signature" in names and "AWSAccessKeyId" in names:  # a SigV2 presigned URL
+            raise _unsupported_mechanism()
+        raise errors.access_denied()
+
+    def signing_key(self, access_key: str, date: str, region: str, service: str = SERVICE) -> bytes:
+        """The derived SigV4 signing key for `access_key` on `date` (YYYYMMDD) in
+        `region`; raises InvalidAccessKeyId for a key not in the table."""
+        secret = self._keys.get(access_key)
+        if secret is None:
+            raise _invalid_access_key(access_key)
+        return self._cached_signing_key(secret, date, region, service)
+
+    def _cached_signing_key(self, secret: str, date: str, region: str, service: str) -> bytes:
+        cache_key = (secret, date, region, service)
+        key = self._signing_keys.get(cache_key)
+        if key is None:
+            key = derive_signing_key(secret, date, region, service)
+            if len(self._signing_keys) >= self._cache_size:
+                del self._signing_keys[next(iter(self._signing_keys))]
+            self._signing_keys[cache_key] = key
+        return key
+
+    # -- header authentication --
+
+    def _verify_header(self, request: S3Request, header: str,
+                       query: list[_QueryParam]) -> VerifiedRequest:
+        fields = parse_authorization(header)
+        payload_hash = request.headers.get("x-amz-content-sha256")
+        if payload_hash is None:
+            raise errors.invalid_request(
+                "Missing required header for this request: x-amz-content-sha256")
+        timestamp, request_time, sent_as = self._header_time(request.headers)
+        if fields.date != timestamp[:8]:
+            raise _header_malformed(f'Invalid credential date "{fields.date}". This date is not '
+                                    f'the same as X-Amz-Date: "{timestamp[:8]}".')
+        secret = self._keys.get(fields.access_key)
+        if secret is None:
+            raise _invalid_access_key(fields.access_key)
+        now = self._clock()
+        if abs(request_time - now) > self._max_skew:
+            raise S3Error(
+                "RequestTimeTooSkewed",
+                "The difference between the request time and the current time is too large.",
+                403,
+                extra={"RequestTime": sent_as, "ServerTime": _iso8601(now),
+                       "MaxAllowedSkewMilliseconds": str(self._max_skew * 1000)})
+        return self._check_signature(request, fields, secret, timestamp,
+                                     _canonical_query(query, None), payload_hash,
+                                     presigned=False)
+
+    @staticmethod
+    def _header_time(headers: CIMultiDictProxy[str]) -> tuple[str, float, str]:
+        """(timestamp for the string to sign, epoch seconds, the header as sent) from
+        x-amz-date, or from Date when x-amz-date is absent."""
+        amz_dates = headers.getall("x-amz-date", [])
+        if amz_dates:
+            if len(amz_dates) != 1:
+                raise _missing_date()
+            when = _parse_amz_date(amz_dates[0])
+            if when is None:
+                raise _missing_date()
+            return amz_dates[0], when, amz_dates[0]
+        http_date = headers.get("Date")
+        if http_date is None:
+            raise _missing_date()
+        try:
+            parsed = parsedate_to_datetime(http_date)
+        except (TypeError, ValueError):
+            raise _missing_date() from None
+        if parsed.tzinfo is None:  # "-0000" means UTC with no zone information
+            parsed = parsed.replace(tzinfo=timezone.utc)
+        parsed = parsed.astimezone(timezone.utc)
+        return parsed.strftime(_AMZ_DATE_FORMAT), parsed.timestamp(), http_date
+
+    # -- query (presigned URL) authentication --
+
+    def _verify_presigned(self, request: S3Request, query: list[_QueryParam]) -> VerifiedRequest:
+        auth: dict[str, str] = {}
+        for param in query:
+            if param.name in _QUERY_AUTH_PARAMS:
+                if param.name in auth:
+                    raise _query_malformed(f"{param.name} must appear only once.")
+                auth[param.name] = param.value
+        if len(auth) != len(_QUERY_AUTH_PARAMS):
+            raise _query_malformed(
+                "Query-string authentication version 4 requires the X-Amz-Algorithm, "
+                "X-Amz-Credential, X-Amz-Signature, X-Amz-Date, X-Amz-SignedHeaders, "
+                "and X-Amz-Expires parameters.")
+        if auth["X-Amz-Algorithm"] != ALGORITHM:
+            raise _query_malformed(f'X-Amz-Algorithm only supports "{ALGORITHM}"')
+        access_key, date, region, service = _parse_credential(auth["X-Amz-Credential"],
+                                                              _credential_malformed)
+        timestamp = auth["X-Amz-Date"]
+        signed_at = _parse_amz_date(timestamp)
+        if signed_at is None:
+            raise _query_malformed(
+                "X-Amz-Date must be in the ISO8601 Long Format \"yyyyMMdd'T'HHmmss'Z'\"")
+        expires = self._presign_expires(auth["X-Amz-Expires"])
+        if date != timestamp[:8]:
+            raise _credential_malformed(f'Invalid credential date "{date}". This date is not '
+                                        f'the same as X-Amz-Date: "{timestamp[:8]}".')
+        signed_headers = _parse_signed_headers(
+            auth["X-Amz-SignedHeaders"],
+            lambda detail: _query_malformed(f"Error parsing the X-Amz-SignedHeaders parameter; "
+                                            f"{detail}"))
+        fields = SignatureFields(access_key, date, region, service, signed_headers,
+                                 auth["X-Amz-Signature"])
+        secret = self._keys.get(access_key)
+        if secret is None:
+            raise _invalid_access_key(access_key)
+        now = self._clock()
+        if now < signed_at - self._max_skew:
+            raise errors.access_denied("Request is not valid yet")
+        if now > signed_at + expires:
+            raise S3Error("AccessDenied", "Request has expired", 403,
+                          extra={"X-Amz-Expires": str(expires),
+                                 "Expires": _iso8601(signed_at + expires),
+                                 "ServerTime": _iso8601(now)})
+        # A presigned URL cannot know its payload: UNSIGNED-PAYLOAD, unless the client
+        # also sent x-amz-content-sha256 (botocore and the other SDKs sign with it then).
+        payload_hash = request.headers.get("x-amz-content-sha256", UNSIGNED_PAYLOAD)
+        return self._check_signature(request, fields, secret, timestamp,
+                                     _canonical_query(query, "X-Amz-Signature"),
+                                     payload_hash, presigned=True)
+
+    @staticmethod
+    def _presign_expires(value: str) -> int:
+        if not re.fullmatch(r"-?[0-9]{1,12}", value):
+            raise _query_malformed("X-Amz-Expires should be a number")
+        expires = int(value)
+        if expires < 0:
+            raise _query_malformed("X-Amz-Expires must be non-negative")
+        if expires == 0:
+            raise _query_malformed("X-Amz-Expires must be greater than 0")
+        if expires > MAX_PRESIGN_EXPIRES_SECONDS:
+            raise _query_malformed("X-Amz-Expires must be less than a week (in seconds) that is; "
+                                   f"{MAX_PRESIGN_EXPIRES_SECONDS}")
+        return expires
+
+    # -- shared --
+
+    def _check_signature(self, request: S3Request, fields: SignatureFields, secret: str,
+                         timestamp: str, query: str, payload_hash: str, *,
+                         presigned: bool) -> VerifiedRequest:
+        present = {name.lower() for name in request.headers}
+        unsigned = sorted(
+            name for name in present
+            if name.startswith("x-amz-")
+            and name not in fields.signed_headers
+            and name not in _AMZ_HEADERS_COVERED_ANYWAY
+        )
+        if unsigned:
+            raise S3Error("AccessDenied",
+                          "There were headers present in the request which were not signed", 403,
+                          extra={"HeadersNotSigned": ", ".join(unsigned)})
+        canonical = canonical_request(
+            request.method, request.raw_path, query,
+            canonical_headers(request.headers, fields.signed_headers),
+            fields.signed_headers, payload_hash)
+        to_sign = string_to_sign(timestamp, fields.scope, canonical)
+        signing_key = self._cached_signing_key(secret, fields.date, fields.region, fields.service)
+        expected = hmac.new(signing_key, to_sign.encode("utf-8", "surrogateescape"),
+                            hashlib.sha256).hexdigest()
+        provided = fields.signature.encode("utf-8", "surrogateescape")
+        if not hmac.compare_digest(expected.encode(), provided):
+            # S3 echoes what it signed so a client can diff it against its own: nothing
+            # here is secret, the client sent every part of it.
+            raise S3Error(
+                "SignatureDoesNotMatch",
+                "The request signature we calculated does not match the signature you "
+                "provided. Check your key and signing method.",
+                403,
+                extra={"AWSAccessKeyId": fields.access_key, "StringToSign": to_sign,
+                       "SignatureProvided": fields.signature, "CanonicalRequest": canonical})
+        return VerifiedRequest(
+            access_key=fields.access_key, region=fields.region, timestamp=timestamp,
+            scope=fields.scope, signature=fields.signature, presigned=presigned,
+            signing_key=signing_key)
