@@ -72,8 +72,8 @@ async def serve(config: Config) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    print(f"Sprox listening on {sprox.endpoint}, fronting {sprox.origin.description} "
-          f"(auth: {config.auth_mode})", flush=True)
+    print(f"Sprox listening on {sprox.endpoint}\n  fronting {sprox.origin.description}\n"
+          f"  auth: {config.auth_mode}", flush=True)
     try:
         await stop.wait()
     finally:

@@ -55,7 +55,9 @@ class FrontEnd:
                 # S3 needs the length up front to store an object.
                 raise errors.S3Error("MissingContentLength",
                                      "You must provide the Content-Length HTTP header.", 411)
-            request.body = RequestBody.from_headers(http.content, http.headers)
+            request.body = RequestBody.from_headers(
+                http.content, http.headers,
+                verify_checksum=request.operation != "CompleteMultipartUpload")
         return request
 
 

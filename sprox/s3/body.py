@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Protocol
 
-from . import errors
+from . import checksums, errors
 
 READ_SIZE = 256 * 1024
 
@@ -42,8 +42,12 @@ class RequestBody:
     (e.g. `x-amz-checksum-crc32`)."""
 
     def __init__(self, reader: ByteReader, content_sha256: str, raw_length: int | None,
-                 decoded_length: int | None, content_encoding: str = "") -> None:
+                 decoded_length: int | None, content_encoding: str = "", headers=None,
+                 *, verify_checksum: bool = True) -> None:
         self._reader = reader
+        # CompleteMultipartUpload's checksum headers describe the object, not the body.
+        self._verify_checksum = verify_checksum
+        self._headers = headers if headers is not None else {}
         self.content_sha256 = content_sha256
         self.raw_length = raw_length
         self.decoded_length = decoded_length
@@ -52,7 +56,7 @@ class RequestBody:
         self._consumed = False
 
     @classmethod
-    def from_headers(cls, reader: ByteReader, headers) -> RequestBody:
+    def from_headers(cls, reader: ByteReader, headers, *, verify_checksum: bool = True) -> RequestBody:
         sha = headers.get("x-amz-content-sha256", "")
         raw_length = _int_header(headers, "Content-Length")
         encoding_tokens = [t.strip() for t in headers.get("Content-Encoding", "").split(",") if t.strip()]
@@ -64,7 +68,8 @@ class RequestBody:
                                      "You must provide the Content-Length HTTP header.", 411)
         else:
             decoded = raw_length
-        return cls(reader, sha, raw_length, decoded, ",".join(encoding_tokens))
+        return cls(reader, sha, raw_length, decoded, ",".join(encoding_tokens), headers,
+                   verify_checksum=verify_checksum)
 
     @property
     def aws_chunked(self) -> bool:
@@ -96,24 +101,69 @@ class RequestBody:
                                  "Content-Length HTTP header", 400)
 
     async def decoded(self) -> AsyncIterator[bytes]:
-        """The payload: aws-chunked framing removed, length checked."""
-        if not self.aws_chunked:
-            async for chunk in self.raw():
-                yield chunk
-            return
-        from .chunked import AwsChunkedDecoder
+        """The payload: aws-chunked framing removed, length checked, and the declared
+        `x-amz-checksum-*` (in a header, or in a trailer announced by `x-amz-trailer`)
+        verified.
 
-        self._claim()
-        decoder = AwsChunkedDecoder(self._reader, with_trailer=self.has_trailer)
+        The last piece is held back until the checksum is verified, so a consumer
+        that stores or forwards what it is given never completes a body that fails
+        verification: it gets `S3Error` (BadDigest) instead of the final bytes."""
+        algorithm = self.checksum_algorithm if self._verify_checksum else None
+        checksum = checksums.Checksum(algorithm) if algorithm and checksums.supported(algorithm) else None
+        decoder = None
+        if self.aws_chunked:
+            from .chunked import AwsChunkedDecoder
+
+            self._claim()
+            decoder = AwsChunkedDecoder(self._reader, with_trailer=self.has_trailer)
+            pieces = decoder.__aiter__()
+        else:
+            pieces = self.raw()
         total = 0
-        async for chunk in decoder:
-            total += len(chunk)
-            yield chunk
-        self.trailers = decoder.trailers
-        if self.decoded_length is not None and total != self.decoded_length:
-            raise errors.S3Error("IncompleteBody",
-                                 "You did not provide the number of bytes specified by the "
-                                 "x-amz-decoded-content-length HTTP header", 400)
+        held = b""
+        async for piece in pieces:
+            total += len(piece)
+            if checksum is not None:
+                checksum.update(piece)
+            if held:
+                yield held
+            held = piece
+        if decoder is not None:
+            self.trailers = decoder.trailers
+            if self.decoded_length is not None and total != self.decoded_length:
+                raise errors.S3Error("IncompleteBody",
+                                     "You did not provide the number of bytes specified by the "
+                                     "x-amz-decoded-content-length HTTP header", 400)
+        if checksum is not None:
+            declared = self.declared_checksum()
+            if declared is None:
+                raise errors.invalid_request(f"The x-amz-checksum-{algorithm} trailer announced "
+                                             "by x-amz-trailer is missing.")
+            if checksum.b64digest() != declared:
+                raise errors.S3Error("BadDigest", f"The {algorithm.upper()} you specified did not "
+                                     "match the calculated checksum.", 400)
+        if held:
+            yield held
+
+    @property
+    def checksum_algorithm(self) -> str | None:
+        """The additional checksum the client declared, if any (e.g. `crc32`)."""
+        for name in self._headers.keys():
+            algorithm = checksums.algorithm_of(name)
+            if algorithm is not None:
+                return algorithm
+        if self.has_trailer or "x-amz-trailer" in self._headers:
+            return checksums.algorithm_of(self._headers.get("x-amz-trailer", "").strip())
+        return None
+
+    def declared_checksum(self) -> str | None:
+        """The checksum value the client declared (header, or trailer once read)."""
+        algorithm = self.checksum_algorithm
+        if algorithm is None:
+            return None
+        name = checksums.header_name(algorithm)
+        value = self._headers.get(name) or self.trailers.get(name)
+        return value.strip() if value else None
 
     async def read_all(self, limit: int) -> bytes:
         """The whole payload, for small XML bodies; refuses more than `limit` bytes."""

@@ -23,7 +23,7 @@ from yarl import URL
 
 from .._version import __version__
 from ..s3 import errors
-from ..s3.body import STREAMING_UNSIGNED_TRAILER, RequestBody
+from ..s3.body import RequestBody
 from ..s3.request import S3Request
 from .base import OriginResponse
 
@@ -134,10 +134,11 @@ class S3Upstream:
         url = self.url_for(request)
         headers = forwarded_headers(request.headers)
         body = request.body
-        data: AsyncIterator[bytes] | None = None
+        data: _BodyStream | None = None
         payload_hash = EMPTY_SHA256_HASH
         if body is not None and (body.raw_length or body.aws_chunked):
-            data, payload_hash = _prepare_body(body, request.headers, headers)
+            stream, payload_hash = _prepare_body(body, request.headers, headers)
+            data = _BodyStream(stream)
         elif request.method in ("PUT", "POST"):
             headers["Content-Length"] = "0"
 
@@ -156,6 +157,10 @@ class S3Upstream:
                     continue
                 raise errors.gateway_timeout(f"The upstream did not answer within {self._timeout:g} s.") from None
             except aiohttp.ClientError as exc:
+                if data is not None and data.error is not None:
+                    # The client's body was at fault (bad checksum, short body): that is
+                    # the answer, not the aborted upstream request it caused.
+                    raise data.error from None
                 if attempt < attempts:
                     await _backoff(attempt)
                     continue
@@ -229,13 +234,11 @@ def _prepare_body(body: RequestBody, client_headers, headers: CIMultiDict[str]) 
         # upstream check integrity end to end.
         is_hash = len(client_hash) == 64 and all(c in "0123456789abcdef" for c in client_hash)
         return body.raw(), client_hash if is_hash else UNSIGNED_PAYLOAD
-    if body.content_sha256 == STREAMING_UNSIGNED_TRAILER:
-        # Unsigned aws-chunked framing carries no signature of the client's: pass it
-        # through unchanged, so the upstream verifies and stores the trailing checksum.
-        headers["Content-Length"] = str(body.raw_length)
-        return body.raw(), STREAMING_UNSIGNED_TRAILER
-    # Signed streaming: the chunk signatures are bound to the client's key for Sprox.
-    # Unwrap the framing and send the payload plainly.
+    # aws-chunked: signed chunks are bound to the client's key for Sprox, and not
+    # every S3 service handles trailers (SeaweedFS stores "aws-chunked" as the object's
+    # Content-Encoding). So Sprox unwraps the framing, verifies any trailing checksum
+    # itself while streaming (decoded() holds the last bytes back until it matches),
+    # and sends the payload plainly.
     encodings = [e for e in body.content_encoding.split(",") if e and e != "aws-chunked"]
     if encodings:
         headers["Content-Encoding"] = ",".join(encodings)
@@ -259,6 +262,23 @@ async def _iter_response(response: aiohttp.ClientResponse, timeout: float) -> As
         # is to cut the response short, which the server does on this exception.
         log.warning("upstream body failed mid-stream: %s", exc)
         raise UpstreamBodyError(str(exc)) from exc
+
+
+class _BodyStream:
+    """A request body on its way upstream that remembers the S3Error it raised, since
+    aiohttp reports a failing body only as a broken connection."""
+
+    def __init__(self, chunks: AsyncIterator[bytes]) -> None:
+        self._chunks = chunks
+        self.error: errors.S3Error | None = None
+
+    async def __aiter__(self):
+        try:
+            async for chunk in self._chunks:
+                yield chunk
+        except errors.S3Error as exc:
+            self.error = exc
+            raise
 
 
 class UpstreamBodyError(Exception):
