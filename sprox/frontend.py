@@ -33,6 +33,12 @@ class FrontEnd:
 
     async def handle(self, http: web.Request) -> web.StreamResponse:
         request_id = new_request_id()
+        response = await self._handle(http, request_id)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("%s %s %s -> %d [%s]", http.remote, http.method, http.raw_path, response.status, request_id)
+        return response
+
+    async def _handle(self, http: web.Request, request_id: str) -> web.StreamResponse:
         try:
             request = self.parse(http, request_id)
             if self.verifier is not None:
