@@ -175,6 +175,18 @@ def sprox_local(_module_sprox: SproxStarter, tmp_path_factory: pytest.TempPathFa
 
 
 @pytest.fixture(scope="module")
+def sprox_local_sigv4(_module_sprox: SproxStarter, tmp_path_factory: pytest.TempPathFactory) -> SproxUnderTest:
+    """Sprox serving a fresh local directory and verifying client signatures: clients
+    sign with testing/testing, Sprox's own key."""
+    base = tmp_path_factory.mktemp("sprox-local-sigv4")
+    origin = base / "origin"
+    origin.mkdir()
+    proc = _module_sprox(base, "--origin-dir", str(origin), "--access-key", TEST_ACCESS_KEY,
+                         "--secret-key", TEST_SECRET_KEY)
+    return SproxUnderTest(proc, "local", origin_dir=origin)
+
+
+@pytest.fixture(scope="module")
 def sprox_moto(_module_sprox: SproxStarter, tmp_path_factory: pytest.TempPathFactory,
                moto_server: MotoServer) -> SproxUnderTest:
     """Sprox fronting the session's moto server."""

@@ -87,7 +87,7 @@ def _create_bucket(target: SproxUnderTest, bucket: str) -> None:
 def store(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Store:
     origin = request.param
     target: SproxUnderTest = request.getfixturevalue(
-        {"local": "sprox_local", "moto": "sprox_moto", "seaweedfs": "sprox_seaweed"}[origin])
+        {"local": "sprox_local_sigv4", "moto": "sprox_moto", "seaweedfs": "sprox_seaweed"}[origin])
     bucket = f"compat-clients-{uuid.uuid4().hex[:10]}"
     _create_bucket(target, bucket)
 
