@@ -26,6 +26,10 @@ def build_parser() -> argparse.ArgumentParser:
     for setting in SETTINGS:
         if setting.file_only:
             continue
+        if setting.switch:
+            serve.add_argument(setting.flag, dest=setting.name, default=None, action="store_const",
+                               const="true", help=f"{setting.help} [{setting.env}]")
+            continue
         serve.add_argument(setting.flag, dest=setting.name, default=None, metavar=setting.metavar,
                            choices=setting.choices, help=f"{setting.help} [{setting.env}]")
     return parser
@@ -64,6 +68,9 @@ async def serve(config: Config) -> int:
     sprox = Sprox(config)
     try:
         await sprox.start()
+    except ConfigError as exc:
+        print(f"sprox: error: {exc}", file=sys.stderr)
+        return 2
     except OSError as exc:
         print(f"sprox: error: --port: cannot listen on {config.host}:{config.port}: {exc.strerror or exc}",
               file=sys.stderr)
@@ -72,8 +79,10 @@ async def serve(config: Config) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    cache = (f"{config.cache_path} ({config.cache_size / 2**30:g} GiB, {config.block_size // 1024} KiB blocks, "
+             f"ttl {config.ttl:g} s)" if config.cache_path else "off (--no-cache)")
     print(f"Sprox listening on {sprox.endpoint}\n  fronting {sprox.origin.description}\n"
-          f"  auth: {config.auth_mode}", flush=True)
+          f"  cache: {cache}\n  auth: {config.auth_mode}", flush=True)
     try:
         await stop.wait()
     finally:

@@ -43,6 +43,17 @@ def default_data_dir() -> Path:
     return Path(base) / "sprox"
 
 
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "sprox"
+
+
+GiB = 1024**3
+MiB = 1024**2
+MIN_BLOCK_SIZE = 64 * 1024
+MAX_BLOCK_SIZE = 64 * MiB
+
+
 @dataclass(frozen=True)
 class Config:
     """A validated configuration. Build one with keyword arguments (validated on
@@ -62,8 +73,19 @@ class Config:
     keys: tuple[AccessKey, ...] = ()
     log_level: str = "info"
     config: Path | None = None
+    cache_dir: Path | None = None  # None: default_cache_dir()
+    cache_size: int = 10 * GiB
+    block_size: int = 4 * MiB
+    ttl: float = 60.0
+    list_ttl: float = 0.0
+    no_cache: bool = False
 
     def __post_init__(self) -> None:
+        # Embedding code may pass plain strings for paths (Sprox(origin_dir="/data")).
+        for name in ("origin_dir", "cache_dir", "config"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                object.__setattr__(self, name, Path(value).expanduser())
         _validate(self)
 
     # Derived views: computed, never stored twice.
@@ -90,6 +112,13 @@ class Config:
         return self.origin_dir or default_data_dir() / "origin"
 
     @property
+    def cache_path(self) -> Path | None:
+        """Where cached blocks and the index live, or None with --no-cache."""
+        if self.no_cache:
+            return None
+        return self.cache_dir or default_cache_dir()
+
+    @property
     def endpoint(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"http://{host}:{self.port}"
@@ -110,6 +139,7 @@ class Setting:
     metavar: str | None = None
     secret: bool = False  # never echoed in messages
     file_only: bool = False  # structured: config file only
+    switch: bool = False  # a flag without a value (--no-cache); env and file take true/false
 
     @property
     def flag(self) -> str:
@@ -138,6 +168,40 @@ def _parse_path(text: str) -> Path:
     return Path(text).expanduser()
 
 
+_SIZE_UNITS = {
+    "": 1, "b": 1,
+    "k": 1024, "kib": 1024, "kb": 1000,
+    "m": 1024**2, "mib": 1024**2, "mb": 1000**2,
+    "g": 1024**3, "gib": 1024**3, "gb": 1000**3,
+    "t": 1024**4, "tib": 1024**4, "tb": 1000**4,
+}
+
+
+def parse_size(text: str) -> int:
+    """`50GiB`, `4MiB`, `1.5TB`, `4096` -> bytes. Bare K/M/G/T are binary units."""
+    raw = text.strip().replace("_", "")
+    number = raw.rstrip("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ").strip()
+    unit = raw[len(number):].strip().lower()
+    if unit not in _SIZE_UNITS or not number:
+        raise ValueError(f"{text!r} is not a size like 4MiB, 50GiB or 1TB")
+    try:
+        value = float(number)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a size like 4MiB, 50GiB or 1TB") from None
+    if value < 0 or value != value or value == float("inf"):
+        raise ValueError(f"{text!r} must be a non-negative size")
+    return int(value * _SIZE_UNITS[unit])
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{text!r} is not true or false")
+
+
 SETTINGS: tuple[Setting, ...] = (
     Setting("host", "address to listen on (default 127.0.0.1)", metavar="ADDR"),
     Setting("port", "port to listen on; 0 picks a free one (default 9000)", _parse_int, metavar="PORT"),
@@ -158,6 +222,17 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("secret_key", "secret key for --access-key", metavar="SECRET", secret=True),
     Setting("keys", "several access keys ([[keys]] tables with access_key and secret_key)",
             file_only=True),
+    Setting("cache_dir", "where cached blocks and the cache index live (default: "
+            "$XDG_CACHE_HOME/sprox, else ~/.cache/sprox)", _parse_path, metavar="DIR"),
+    Setting("cache_size", "disk budget for cached bytes, e.g. 50GiB (default 10GiB)", parse_size,
+            metavar="SIZE"),
+    Setting("block_size", "cache block size, 64KiB to 64MiB, a multiple of 4KiB (default 4MiB)",
+            parse_size, metavar="SIZE"),
+    Setting("ttl", "seconds an object's cached record is trusted before it is revalidated "
+            "with the upstream (default 60)", _parse_float, metavar="SECONDS"),
+    Setting("list_ttl", "seconds a listing may be served from memory; 0 turns listing caching off "
+            "(default 0: S3 listings are strongly consistent)", _parse_float, metavar="SECONDS"),
+    Setting("no_cache", "pure pass-through: cache nothing", _parse_bool, switch=True),
     Setting("log_level", "log verbosity", choices=LOG_LEVELS),
     Setting("config", "TOML configuration file", _parse_path, metavar="FILE"),
 )
@@ -171,7 +246,9 @@ def _convert(setting: Setting, raw: Any, source: str) -> Any:
         return _convert_keys(raw, where)
     if source == "file" and not isinstance(raw, str):
         # TOML gives typed values; check the type rather than re-parsing text.
-        if setting.parse is _parse_int and isinstance(raw, int) and not isinstance(raw, bool):
+        if setting.switch and isinstance(raw, bool):
+            return raw
+        if setting.parse in (_parse_int, parse_size) and isinstance(raw, int) and not isinstance(raw, bool):
             return raw
         if setting.parse is _parse_float and isinstance(raw, (int, float)) and not isinstance(raw, bool):
             return float(raw)
@@ -292,6 +369,17 @@ def _validate(c: Config) -> None:
         )
     if c.domain is not None and (not c.domain or "/" in c.domain or ":" in c.domain):
         raise ConfigError("--domain", f"{c.domain!r} is not a domain name")
+    if not MIN_BLOCK_SIZE <= c.block_size <= MAX_BLOCK_SIZE or c.block_size % 4096:
+        raise ConfigError("--block-size", f"{c.block_size} bytes is not a multiple of 4KiB "
+                          "between 64KiB and 64MiB")
+    if c.cache_size < c.block_size and not c.no_cache:
+        raise ConfigError("--cache-size", f"{c.cache_size} bytes is smaller than one block ({c.block_size})")
+    if not c.ttl >= 0:
+        raise ConfigError("--ttl", f"{c.ttl!r} must be 0 or more seconds")
+    if not c.list_ttl >= 0:
+        raise ConfigError("--list-ttl", f"{c.list_ttl!r} must be 0 or more seconds")
+    if c.cache_dir is not None and c.cache_dir.exists() and not c.cache_dir.is_dir():
+        raise ConfigError("--cache-dir", f"{str(c.cache_dir)!r} exists and is not a directory")
 
 
 def describe(c: Config) -> dict[str, Any]:
@@ -308,4 +396,4 @@ def describe(c: Config) -> dict[str, Any]:
 
 
 __all__ = ["AccessKey", "Config", "ConfigError", "SETTINGS", "load", "is_loopback", "describe",
-           "default_data_dir"]
+           "default_data_dir", "default_cache_dir", "parse_size"]

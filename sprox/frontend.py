@@ -1,55 +1,112 @@
-"""Where every S3 request goes: parse, authenticate, hand to the origin, stream back.
+"""Where every S3 request goes: parse, authenticate, then the cache or the origin.
 
-    client -> handle() -> parse_request -> SigV4Verifier.verify -> origin.send -> stream
+    client -> handle() -> parse_request -> SigV4Verifier.verify
+                -> GetObject/HeadObject: ObjectCache.serve   (X-Cache: HIT|MISS|PARTIAL)
+                                         or the origin         (X-Cache: BYPASS)
+                -> listings: ListingCache (with --list-ttl), else the origin
+                -> everything else: the origin; writes invalidate what they change
 
 Errors anywhere below become S3's XML error body here, with a request id.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
+import time
 
 from aiohttp import web
+from multidict import CIMultiDict
 
-from .s3 import errors
+from .s3 import errors, xml
 from .s3.body import RequestBody
 from .s3.request import S3Request, new_request_id, parse_request
-from .upstream.base import Origin, OriginResponse
-from .upstream.s3 import UpstreamBodyError
+from .upstream.base import Origin, OriginResponse, UpstreamBodyError
 
 log = logging.getLogger("sprox.frontend")
 
 # Statuses that never carry a body (RFC 9110), whatever the origin sent.
 NO_BODY_STATUS = frozenset({204, 304})
+OBJECT_READS = frozenset({"GetObject", "HeadObject"})
+LISTINGS = frozenset({"ListObjects", "ListObjectsV2"})
+MAX_DELETE_BODY = 4 * 1024 * 1024
+COPY_CHUNK = 1024 * 1024
+
+
+class _FdFile:
+    """The file-object face `loop.sendfile` needs for a descriptor the cache owns."""
+
+    __slots__ = ("_fd",)
+    mode = "rb"
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def seek(self, offset: int, whence: int = 0) -> int:  # asyncio moves the position; spans use offsets
+        return offset
 
 
 class FrontEnd:
     """The aiohttp handler for the S3 API."""
 
-    def __init__(self, origin: Origin, *, verifier=None, domain: str | None = None) -> None:
+    def __init__(self, origin: Origin, *, verifier=None, domain: str | None = None, cache=None,
+                 listings=None, access_log=None) -> None:
         self.origin = origin
         self.verifier = verifier
         self.domain = domain
+        self.cache = cache
+        self.listings = listings
+        self.access_log = access_log
+        # SPROX_NO_SENDFILE=1 sends cached bytes by reading and writing (the copy path).
+        self.use_sendfile = os.environ.get("SPROX_NO_SENDFILE") != "1"
 
     async def handle(self, http: web.Request) -> web.StreamResponse:
+        started = time.monotonic()
         request_id = new_request_id()
-        response = await self._handle(http, request_id)
+        state = _Served()
+        response = await self._handle(http, request_id, state)
+        if self.access_log is not None:
+            self.access_log.log(http, state.request, response, state.bytes_sent, time.monotonic() - started)
         if log.isEnabledFor(logging.DEBUG):
             log.debug("%s %s %s -> %d [%s]", http.remote, http.method, http.raw_path, response.status, request_id)
         return response
 
-    async def _handle(self, http: web.Request, request_id: str) -> web.StreamResponse:
+    async def _handle(self, http: web.Request, request_id: str, state: _Served) -> web.StreamResponse:
         try:
             request = self.parse(http, request_id)
+            state.request = request
             if self.verifier is not None:
                 self.verifier.verify(request)
+            if request.operation in OBJECT_READS and self.cache is not None:
+                if self.cache.bypass_reason(request) is None:
+                    answer = await self.cache.serve(request)
+                    if answer.passthrough is None:
+                        return await self.send_answer(http, answer, request_id, state)
+                    return await stream_response(http, answer.passthrough, request_id, state,
+                                                 x_cache=answer.outcome)
+                request.stats.cache = "BYPASS"
+                self.cache.stats.bypass += 1
+            if request.operation in LISTINGS and self.listings is not None:
+                cached = self.listings.get(request)
+                if cached is not None:
+                    return await stream_response(http, cached, request_id, state)
+            deleted_keys = await self._before_write(request)
+            request.stats.upstream_requests += 1
             response = await self.origin.send(request)
+            self._after_write(request, deleted_keys)
+            if request.operation in LISTINGS and self.listings is not None and response.status == 200:
+                response = await self.listings.put(request, response)
         except errors.S3Error as exc:
             return error_response(exc, request_id, resource=_resource(http), head=http.method == "HEAD")
         except Exception:
             log.exception("request %s failed", request_id)
             return error_response(errors.internal_error(), request_id, head=http.method == "HEAD")
-        return await stream_response(http, response, request_id)
+        x_cache = request.stats.cache if request.operation in OBJECT_READS else None
+        return await stream_response(http, response, request_id, state, x_cache=x_cache)
 
     def parse(self, http: web.Request, request_id: str) -> S3Request:
         request = parse_request(http.method, http.raw_path, http.headers, domain=self.domain,
@@ -65,6 +122,125 @@ class FrontEnd:
                 http.content, http.headers,
                 verify_checksum=request.operation != "CompleteMultipartUpload")
         return request
+
+    # -- invalidation: a write through Sprox is seen at once --------------------------------
+
+    async def _before_write(self, request: S3Request) -> list[str]:
+        """Invalidate what a write will change; returns the keys a DeleteObjects names."""
+        if request.method in ("GET", "HEAD") or (self.cache is None and self.listings is None):
+            return []
+        keys: list[str] = []
+        if request.operation == "DeleteObjects" and request.body is not None and not request.body.aws_chunked:
+            # The keys are only in the body: read it (it is small), then send it on.
+            data = await request.body.read_all(MAX_DELETE_BODY)
+            keys = _keys_to_delete(data)
+            request.body = RequestBody.from_bytes(data, request.headers)
+        # Invalidate before the write as well as after it, so a fill that started
+        # before the write cannot install the old version once the write returned.
+        self._invalidate(request, keys)
+        return keys
+
+    def _after_write(self, request: S3Request, keys: list[str]) -> None:
+        if request.method in ("GET", "HEAD") or (self.cache is None and self.listings is None):
+            return
+        self._invalidate(request, keys)
+
+    def _invalidate(self, request: S3Request, keys: list[str]) -> None:
+        if request.bucket is None:
+            return
+        if self.listings is not None:
+            self.listings.drop_bucket(request.bucket)
+        if self.cache is None:
+            return
+        from .cache.service import OBJECT_WRITES
+
+        if request.operation in OBJECT_WRITES and request.key is not None:
+            self.cache.invalidate(request.bucket, request.key)
+        elif request.operation == "DeleteObjects":
+            if keys or (request.body is not None and not request.body.aws_chunked):
+                for key in keys:
+                    self.cache.invalidate(request.bucket, key)
+            else:
+                self.cache.invalidate_bucket(request.bucket)
+        elif request.operation == "DeleteBucket":
+            self.cache.invalidate_bucket(request.bucket)
+
+    # -- sending -------------------------------------------------------------------------------
+
+    async def send_answer(self, http: web.Request, answer, request_id: str, state: _Served) -> web.StreamResponse:
+        """Send a cache answer: headers, then pieces (bytes, or file spans by sendfile)."""
+        from .cache.service import FileSpan
+
+        response = web.StreamResponse(status=answer.status)
+        response.headers.extend(answer.headers)
+        response.headers["X-Cache"] = answer.outcome
+        response.headers["x-amz-request-id"] = request_id
+        response.content_length = answer.length
+        body = answer.body
+        try:
+            await response.prepare(http)
+            if body is not None and http.method != "HEAD":
+                async for piece in body:
+                    if isinstance(piece, FileSpan):
+                        await self._send_span(http, response, piece)
+                        state.bytes_sent += piece.length
+                    else:
+                        await response.write(piece)
+                        state.bytes_sent += len(piece)
+            await response.write_eof()
+        except (UpstreamBodyError, ConnectionError, asyncio.TimeoutError) as exc:
+            # Headers are gone: a short body must look like an error to the client.
+            if not isinstance(exc, ConnectionError):
+                log.warning("cached response %s cut short: %s", request_id, exc)
+            if http.transport is not None:
+                http.transport.abort()
+        finally:
+            if body is not None:
+                await body.aclose()
+        return response
+
+    async def _send_span(self, http: web.Request, response: web.StreamResponse, span) -> None:
+        transport = http.transport
+        if transport is None:
+            raise ConnectionResetError("client went away")
+        loop = asyncio.get_running_loop()
+        if self.use_sendfile:
+            try:
+                await loop.sendfile(transport, _FdFile(span.fd), span.offset, span.length, fallback=False)
+                return
+            except NotImplementedError:
+                self.use_sendfile = False  # e.g. an event loop without sendfile support
+        offset, remaining = span.offset, span.length
+        while remaining > 0:
+            chunk = await loop.run_in_executor(None, os.pread, span.fd, min(COPY_CHUNK, remaining), offset)
+            if not chunk:
+                raise UpstreamBodyError("block file shorter than its index says")
+            await response.write(chunk)
+            offset += len(chunk)
+            remaining -= len(chunk)
+
+
+class _Served:
+    """What the access log needs to know about one request once it is answered."""
+
+    __slots__ = ("request", "bytes_sent")
+
+    def __init__(self) -> None:
+        self.request: S3Request | None = None
+        self.bytes_sent = 0
+
+
+def _keys_to_delete(body: bytes) -> list[str]:
+    try:
+        root = xml.parse(body)
+    except errors.S3Error:
+        return []  # the origin will answer MalformedXML
+    keys = []
+    for obj in xml.children(root, "Object"):
+        key = xml.child_text(obj, "Key")
+        if key is not None:
+            keys.append(key)
+    return keys
 
 
 def _resource(http: web.Request) -> str:
@@ -83,13 +259,16 @@ def error_response(exc: errors.S3Error, request_id: str, *, resource: str | None
                         content_type="application/xml")
 
 
-async def stream_response(http: web.Request, origin: OriginResponse, request_id: str) -> web.StreamResponse:
+async def stream_response(http: web.Request, origin: OriginResponse, request_id: str, state: _Served | None = None,
+                          *, x_cache: str | None = None) -> web.StreamResponse:
     """Send an origin's response, streaming the body without holding it in memory."""
     response = web.StreamResponse(status=origin.status)
     for name, value in origin.headers.items():
         response.headers.add(name, value)
     response.headers.setdefault("x-amz-request-id", request_id)
     response.headers["x-sprox-request-id"] = request_id
+    if x_cache is not None:
+        response.headers["X-Cache"] = x_cache
     no_body = http.method == "HEAD" or origin.status in NO_BODY_STATUS
     try:
         if no_body:
@@ -103,9 +282,13 @@ async def stream_response(http: web.Request, origin: OriginResponse, request_id:
         await response.prepare(http)
         async for chunk in origin.iter_body():
             await response.write(chunk)
+            if state is not None:
+                state.bytes_sent += len(chunk)
+                if state.request is not None:
+                    state.request.stats.upstream_bytes += len(chunk)
         await response.write_eof()
         return response
-    except UpstreamBodyError:
+    except (UpstreamBodyError, ConnectionError):
         # The status line is already sent: cut the connection so the client sees a
         # short body as an error, never as a complete object.
         if http.transport is not None:

@@ -8,7 +8,9 @@ thin layer over the same class.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
+import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -16,7 +18,7 @@ from typing import Any
 
 from aiohttp import web
 
-from .config import Config
+from .config import Config, ConfigError
 from .frontend import FrontEnd
 from .upstream.base import Origin
 
@@ -52,8 +54,22 @@ class Sprox:
             from .s3.sigv4 import SigV4Verifier
 
             verifier = SigV4Verifier(self.config.access_keys)
-        self.frontend = FrontEnd(self.origin, verifier=verifier, domain=self.config.domain)
+        self.cache = None
+        cache_dir = self.config.cache_path
+        if cache_dir is not None:
+            from .cache.service import ObjectCache
+
+            self.cache = ObjectCache(self.origin, cache_dir, capacity=self.config.cache_size,
+                                     block_size=self.config.block_size, ttl=self.config.ttl)
+        listings = None
+        if self.config.list_ttl > 0:
+            from .cache.listings import ListingCache
+
+            listings = ListingCache(self.config.list_ttl)
+        self.frontend = FrontEnd(self.origin, verifier=verifier, domain=self.config.domain, cache=self.cache,
+                                 listings=listings)
         self._runner: web.AppRunner | None = None
+        self._lock_fd: int | None = None
         self.port: int | None = None
 
     @property
@@ -72,8 +88,28 @@ class Sprox:
     async def _health(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "ok", "origin": self.origin.description})
 
+    def _lock_cache_dir(self) -> None:
+        """One Sprox per cache directory: two writers would corrupt each other's index."""
+        cache_dir = self.config.cache_path
+        assert cache_dir is not None
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(cache_dir / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise ConfigError("--cache-dir", f"{str(cache_dir)!r} is in use by another Sprox process") from None
+        self._lock_fd = fd
+
     async def start(self) -> None:
-        await self.origin.start()
+        try:
+            if self.cache is not None:
+                self._lock_cache_dir()
+                await self.cache.start()
+            await self.origin.start()
+        except BaseException:
+            await self.stop()
+            raise
         try:
             self._runner = web.AppRunner(self.build_app(), access_log=None, handle_signals=False,
                                          shutdown_timeout=10.0)
@@ -87,11 +123,17 @@ class Sprox:
         self.port = sockets[0].getsockname()[1] if sockets else self.config.port
 
     async def stop(self) -> None:
-        """Stop accepting, let in-flight responses finish, release the origin."""
+        """Stop accepting, let in-flight responses finish, flush the cache index,
+        release the origin."""
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+        if self.cache is not None and self._lock_fd is not None:
+            await self.cache.close()
         await self.origin.close()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
 
     async def __aenter__(self) -> Sprox:
         await self.start()

@@ -56,6 +56,10 @@ def _isolated_aws_environment(aws_files: dict[str, str]) -> Iterator[None]:
         for name, value in aws_files.items():
             mp.setenv(name, value)
         mp.setenv("AWS_EC2_METADATA_DISABLED", "true")  # never probe 169.254.169.254
+        # In-process Sprox (the embedding API) keeps its default directories in here, not ~.
+        home = Path(aws_files["AWS_CONFIG_FILE"]).parent
+        mp.setenv("XDG_DATA_HOME", str(home / "xdg-data"))
+        mp.setenv("XDG_CACHE_HOME", str(home / "xdg-cache"))
         yield
 
 

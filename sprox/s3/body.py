@@ -71,6 +71,18 @@ class RequestBody:
         return cls(reader, sha, raw_length, decoded, ",".join(encoding_tokens), headers,
                    verify_checksum=verify_checksum)
 
+    @classmethod
+    def from_bytes(cls, data: bytes, headers) -> RequestBody:
+        """A plain body already read into memory (small XML bodies Sprox must inspect).
+        Its checksum was verified when it was first read."""
+        import asyncio
+
+        reader = asyncio.StreamReader()
+        reader.feed_data(data)
+        reader.feed_eof()
+        return cls(reader, headers.get("x-amz-content-sha256", ""), len(data), len(data), "",
+                   headers, verify_checksum=False)
+
     @property
     def aws_chunked(self) -> bool:
         return self.content_sha256 in STREAMING_MODES or "aws-chunked" in self.content_encoding.split(",")

@@ -49,6 +49,15 @@ def valid_bucket_name(name: str) -> bool:
 
 
 @dataclass(slots=True)
+class RequestStats:
+    """What serving one request cost, for the access log."""
+
+    upstream_requests: int = 0
+    upstream_bytes: int = 0
+    cache: str | None = None  # HIT, MISS, PARTIAL, BYPASS; None for other operations
+
+
+@dataclass(slots=True)
 class S3Request:
     """What one HTTP request means to S3. Fields are read-only by convention."""
 
@@ -65,6 +74,7 @@ class S3Request:
     raw_query: str
     virtual_hosted: bool = False
     body: RequestBody | None = field(default=None)
+    stats: RequestStats = field(default_factory=RequestStats)
 
     @property
     def resource(self) -> str:

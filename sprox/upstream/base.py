@@ -60,3 +60,8 @@ class Origin(Protocol):
 
     async def close(self) -> None:
         """Release everything `start` acquired."""
+
+
+class UpstreamBodyError(Exception):
+    """The origin failed after its response headers were sent: the only honest signal
+    left for the client is a response cut short."""

@@ -25,7 +25,7 @@ from .._version import __version__
 from ..s3 import errors
 from ..s3.body import RequestBody
 from ..s3.request import S3Request
-from .base import OriginResponse
+from .base import OriginResponse, UpstreamBodyError
 
 log = logging.getLogger("sprox.upstream")
 
@@ -279,10 +279,6 @@ class _BodyStream:
         except errors.S3Error as exc:
             self.error = exc
             raise
-
-
-class UpstreamBodyError(Exception):
-    """The upstream failed after its response headers were sent."""
 
 
 async def _backoff(attempt: int) -> None:

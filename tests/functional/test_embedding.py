@@ -42,7 +42,14 @@ def test_bad_settings_raise_config_error():
 
 
 def test_port_in_use_is_reported(tmp_path):
-    with run_in_thread(origin_dir=tmp_path) as first:
+    with run_in_thread(origin_dir=tmp_path, cache_dir=tmp_path / "c1") as first:
         with pytest.raises(OSError):
-            with run_in_thread(origin_dir=tmp_path, port=first.port):
+            with run_in_thread(origin_dir=tmp_path, cache_dir=tmp_path / "c2", port=first.port):
+                pass
+
+
+def test_one_sprox_per_cache_directory(tmp_path):
+    with run_in_thread(origin_dir=tmp_path, cache_dir=tmp_path / "cache"):
+        with pytest.raises(ConfigError, match="--cache-dir"):
+            with run_in_thread(origin_dir=tmp_path, cache_dir=tmp_path / "cache"):
                 pass

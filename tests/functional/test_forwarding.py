@@ -16,7 +16,7 @@ def upstream():
 
 
 def test_client_auth_and_hop_by_hop_headers_never_reach_the_upstream(start_sprox, tmp_path, upstream):
-    proc = start_sprox(tmp_path, "--upstream", upstream.endpoint)
+    proc = start_sprox(tmp_path, "--upstream", upstream.endpoint, "--no-cache")
     client_for(proc.endpoint, "client-key", "client-secret").put_object(Bucket="bkt", Key="k", Body=b"data")
     raw(proc.endpoint, "GET", "/bkt/k", {"Connection": "keep-alive, X-Secret", "Proxy-Authorization": "Basic x",
                                           "TE": "trailers", "X-Amz-Security-Token": "client-token"})
@@ -32,7 +32,7 @@ def test_client_auth_and_hop_by_hop_headers_never_reach_the_upstream(start_sprox
 
 
 def test_absolute_form_target_does_not_change_where_sprox_connects(start_sprox, tmp_path, upstream):
-    proc = start_sprox(tmp_path, "--upstream", upstream.endpoint)
+    proc = start_sprox(tmp_path, "--upstream", upstream.endpoint, "--no-cache")
     status, _, _ = raw(proc.endpoint, "GET", "http://169.254.169.254:80/bkt/key", {"Host": "169.254.169.254"})
     assert status == 200
     assert [s.target for s in upstream.seen] == ["/bkt/key"]
@@ -41,13 +41,13 @@ def test_absolute_form_target_does_not_change_where_sprox_connects(start_sprox, 
 def test_upstream_redirects_are_not_followed(start_sprox, tmp_path):
     with RecordingUpstream() as elsewhere, RecordingUpstream(redirect_to="") as upstream:
         upstream.redirect_to = f"{elsewhere.endpoint}/stolen"
-        proc = start_sprox(tmp_path, "--upstream", upstream.endpoint)
+        proc = start_sprox(tmp_path, "--upstream", upstream.endpoint, "--no-cache")
         status, headers, _ = raw(proc.endpoint, "GET", "/bkt/key")
         assert status == 307 and elsewhere.seen == []
 
 
 def test_query_and_key_are_forwarded_exactly(start_sprox, tmp_path, upstream):
-    proc = start_sprox(tmp_path, "--upstream", upstream.endpoint)
+    proc = start_sprox(tmp_path, "--upstream", upstream.endpoint, "--no-cache")
     raw(proc.endpoint, "GET", "/bkt/a/../b%20c?response-content-type=text%2Fplain&X-Amz-Signature=zz")
     (seen,) = upstream.seen
     assert seen.target == "/bkt/a/%2E%2E/b%20c?response-content-type=text%2Fplain"

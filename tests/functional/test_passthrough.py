@@ -1,6 +1,7 @@
-"""Sprox as a pass-through S3 endpoint, run as a subprocess in front of each origin:
-the local directory, moto's server and SeaweedFS (which checks signatures, so every
-passing request through it proves Sprox's re-signing).
+"""Sprox as an S3 endpoint, run as a subprocess in front of each origin: the local
+directory, moto's server and SeaweedFS (which checks signatures, so every passing
+request through it proves Sprox's re-signing), each with the block cache on and off
+(`--no-cache`, pure pass-through): both must show the same S3 semantics.
 
 Protocol behaviour is a table of raw HTTP rows, run against every origin; operations
 are driven with boto3, the reference client.
@@ -19,14 +20,28 @@ from botocore.config import Config
 from botocore.exceptions import ClientError
 
 from tests.data import check_bytes, object_bytes
+from tests.servers import SproxUnderTest
 
 ORIGINS = ["local", "moto", "seaweedfs"]
+MODES = ["cache", "no-cache"]
 S3_NS = "{http://s3.amazonaws.com/doc/2006-03-01/}"
 
 
-@pytest.fixture(scope="module", params=ORIGINS)
-def sprox(request):
-    return request.getfixturevalue(f"sprox_{request.param}" if request.param != "seaweedfs" else "sprox_seaweed")
+@pytest.fixture(scope="module", params=[(o, m) for o in ORIGINS for m in MODES], ids=lambda p: f"{p[0]}-{p[1]}")
+def sprox(request, _module_sprox, tmp_path_factory):
+    origin, mode = request.param
+    base = tmp_path_factory.mktemp(f"sprox-{origin}-{mode}")
+    upstream = None
+    if origin == "local":
+        (base / "origin").mkdir()
+        args = ["--origin-dir", str(base / "origin")]
+    else:
+        upstream = request.getfixturevalue("moto_server" if origin == "moto" else "seaweed_server")
+        args = ["--upstream", upstream.endpoint, "--upstream-region", "us-east-1"]
+    if mode == "no-cache":
+        args.append("--no-cache")
+    proc = _module_sprox(base, *args)
+    return SproxUnderTest(proc, origin, origin_dir=base / "origin" if origin == "local" else None, upstream=upstream)
 
 
 def client_for(endpoint: str, key: str = "client-key", secret: str = "client-secret", **extra):
@@ -79,7 +94,7 @@ class Row:
     content_range: str | None = None
     code: str | None = None  # S3 error code expected in the XML body
     extra: dict = field(default_factory=dict)  # response headers expected
-    upstream_quirk: dict = field(default_factory=dict)  # origin -> reason it differs from S3
+    upstream_quirk: dict = field(default_factory=dict)  # (origin, mode) -> reason it differs from S3
 
 
 PAST = "Sat, 01 Jan 2000 00:00:00 GMT"
@@ -111,7 +126,8 @@ ROWS = [
                                                  "x-amz-meta-colour": "blue"}),
     Row("head with range", method="HEAD", headers={"Range": "bytes=0-9"}, status=206, span=None,
         content_range=f"bytes 0-9/{SIZE}", extra={"content-length": "10"},
-        upstream_quirk={"seaweedfs": "SeaweedFS answers a ranged HEAD with 200 (seen directly, without Sprox)"}),
+        upstream_quirk={("seaweedfs", "no-cache"): "SeaweedFS answers a ranged HEAD with 200 (seen "
+                        "directly, without Sprox); with the cache, Sprox answers from its record"}),
     Row("get missing key", query="", status=404, span=None, code="NoSuchKey"),
 ]
 
@@ -119,8 +135,9 @@ ROWS = [
 @pytest.mark.parametrize("row", ROWS, ids=[r.name for r in ROWS])
 def test_object_reads_follow_s3_semantics(seeded, row: Row):
     sprox, bucket, head = seeded
-    if sprox.origin in row.upstream_quirk:
-        pytest.xfail(row.upstream_quirk[sprox.origin])
+    mode = "no-cache" if "--no-cache" in sprox.sprox.args else "cache"
+    if (sprox.origin, mode) in row.upstream_quirk:
+        pytest.xfail(row.upstream_quirk[(sprox.origin, mode)])
     key = "data/missing" if row.code == "NoSuchKey" else KEY
     target = f"/{bucket}/{key}" + (f"?{row.query}" if row.query else "")
     headers = {k: v.format(etag=head["ETag"]) for k, v in row.headers.items()}

@@ -1,0 +1,162 @@
+"""Block files: one sparse file per object version, each block at its natural offset,
+so any contiguous cached span is one `sendfile` call.
+
+File descriptors are shared between requests and reference-counted: a descriptor is
+closed only when no request is using it, so a `sendfile` in progress can never be
+handed a closed (or, worse, reused) descriptor."""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import ctypes.util
+import errno
+import logging
+import os
+import shutil
+import zlib
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from .records import ObjectRecord
+
+log = logging.getLogger("sprox.cache")
+
+MAX_IDLE_FDS = 256
+
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+_fallocate = getattr(_libc, "fallocate", None)
+if _fallocate is not None:
+    _fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]
+
+
+def punch_hole(fd: int, offset: int, length: int) -> bool:
+    """Free a block's disk space inside a file; False where the file system can't."""
+    if _fallocate is None:
+        return False
+    if _fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length) != 0:
+        err = ctypes.get_errno()
+        if err not in (errno.EOPNOTSUPP, errno.ENOSYS):
+            log.warning("punching a hole failed: %s", os.strerror(err))
+        return False
+    return True
+
+
+class _OpenFile:
+    __slots__ = ("fd", "users", "unlinked")
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.users = 0
+        self.unlinked = False
+
+
+class BlockFiles:
+    """Owns the block files under `directory` and every descriptor open on them.
+    Blocking methods (`write_block`, `read_block`, ...) run on the I/O executor."""
+
+    def __init__(self, directory: Path, executor: ThreadPoolExecutor) -> None:
+        self.directory = directory
+        self.executor = executor
+        self._open: dict[int, _OpenFile] = {}  # record id -> file
+        self._idle: OrderedDict[int, None] = OrderedDict()  # record ids with no users, LRU
+
+    def prepare(self) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+
+    def path(self, record: ObjectRecord) -> Path:
+        return self.directory / record.file_name
+
+    # -- descriptors (event-loop thread only) -----------------------------------------------
+
+    def acquire(self, record: ObjectRecord) -> int:
+        """A descriptor for the record's file, held until `release`."""
+        entry = self._open.get(record.id)
+        if entry is None:
+            path = self.path(record)
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            except FileNotFoundError:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            entry = self._open[record.id] = _OpenFile(fd)
+        else:
+            self._idle.pop(record.id, None)
+        entry.users += 1
+        return entry.fd
+
+    def release(self, record: ObjectRecord) -> None:
+        entry = self._open.get(record.id)
+        if entry is None:
+            return
+        entry.users -= 1
+        if entry.users == 0:
+            if entry.unlinked:
+                self._close(record.id)
+            else:
+                self._idle[record.id] = None
+                while len(self._idle) > MAX_IDLE_FDS:
+                    oldest, _ = self._idle.popitem(last=False)
+                    self._close(oldest)
+
+    def _close(self, record_id: int) -> None:
+        entry = self._open.pop(record_id, None)
+        self._idle.pop(record_id, None)
+        if entry is not None:
+            os.close(entry.fd)
+
+    def remove(self, record: ObjectRecord) -> None:
+        """Delete a record's file; descriptors in use stay valid until released."""
+        entry = self._open.get(record.id)
+        if entry is not None:
+            entry.unlinked = True
+            if entry.users == 0:
+                self._close(record.id)
+        try:
+            os.unlink(self.path(record))
+        except FileNotFoundError:
+            pass
+
+    def close_all(self) -> None:
+        for record_id in list(self._open):
+            self._close(record_id)
+
+    def wipe(self) -> None:
+        """Delete every block file (used when the index is unusable)."""
+        self.close_all()
+        shutil.rmtree(self.directory, ignore_errors=True)
+        self.directory.mkdir(parents=True, exist_ok=True)
+
+    # -- blocking I/O (executor) ------------------------------------------------------------
+
+    @staticmethod
+    def write_block(fd: int, offset: int, data: bytes | bytearray | memoryview) -> int:
+        """Write a whole block; returns its CRC32. Raises OSError (e.g. ENOSPC)."""
+        view = memoryview(data)
+        written = 0
+        while written < len(view):
+            written += os.pwrite(fd, view[written:], offset + written)
+        return zlib.crc32(view)
+
+    @staticmethod
+    def read_block(fd: int, offset: int, length: int) -> bytes:
+        parts = []
+        while length > 0:
+            chunk = os.pread(fd, length, offset)
+            if not chunk:
+                break
+            parts.append(chunk)
+            offset += len(chunk)
+            length -= len(chunk)
+        return b"".join(parts)
+
+    @classmethod
+    def block_matches(cls, fd: int, offset: int, length: int, crc: int) -> bool:
+        data = cls.read_block(fd, offset, length)
+        return len(data) == length and zlib.crc32(data) == crc
+
+    async def run(self, function, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.executor, function, *args)

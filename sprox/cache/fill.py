@@ -1,0 +1,156 @@
+"""Filling missing blocks from the origin, once per block however many readers wait.
+
+A `FillRun` fetches a run of adjacent missing blocks with one ranged GET (carrying
+`If-Match: <etag>`, so bytes of another version can never arrive). Its bytes go into
+per-block `BlockFill` buffers that every waiting reader streams from as they arrive;
+each complete block is written to its block file and only then marked present, after
+which its buffer is dropped and readers continue from the file."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING
+
+from ..s3 import errors
+from ..upstream.base import OriginResponse, UpstreamBodyError
+from .records import ObjectRecord
+
+if TYPE_CHECKING:
+    from .service import ObjectCache
+
+log = logging.getLogger("sprox.cache")
+
+FILLING, PERSISTED, FAILED = "filling", "persisted", "failed"
+
+
+class ObjectChanged(Exception):
+    """The origin no longer has this version (412 on If-Match, or another ETag)."""
+
+
+class NotCached(Exception):
+    """The block could not be stored (e.g. disk full, or the record was dropped); its
+    readers fetch their bytes straight from the origin instead."""
+
+
+class BlockFill:
+    """One block in flight. Readers poll `state` and `data`, and await `changed()`."""
+
+    __slots__ = ("record", "index", "start", "end", "data", "state", "error", "_changed")
+
+    def __init__(self, record: ObjectRecord, index: int) -> None:
+        self.record = record
+        self.index = index
+        self.start, self.end = record.block_range(index)
+        self.data: bytearray | None = bytearray()
+        self.state = FILLING
+        self.error: BaseException | None = None
+        self._changed: asyncio.Future | None = None
+
+    @property
+    def filled_to(self) -> int:
+        """Object offset up to which bytes are available in `data`."""
+        return self.start + (len(self.data) if self.data is not None else 0)
+
+    def notify(self) -> None:
+        waiter, self._changed = self._changed, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def changed(self) -> None:
+        if self._changed is None:
+            self._changed = asyncio.get_running_loop().create_future()
+        # shield: one reader giving up must not cancel the others' wait.
+        await asyncio.shield(self._changed)
+
+    def fail(self, error: BaseException) -> None:
+        if self.state == FILLING:
+            self.state = FAILED
+            self.error = error
+            self.data = None
+            self.notify()
+
+
+class FillRun:
+    """Fetches blocks [first, last] of `record` and persists each as it completes."""
+
+    def __init__(self, cache: ObjectCache, record: ObjectRecord, first: int, last: int, stats,
+                 response: OriginResponse | None = None) -> None:
+        self.cache = cache
+        self.record = record
+        self.blocks = [BlockFill(record, i) for i in range(first, last + 1)]
+        self.stats = stats
+        self.response = response
+        self.ready: asyncio.Future = asyncio.get_running_loop().create_future()
+
+    @property
+    def start(self) -> int:
+        return self.blocks[0].start
+
+    @property
+    def end(self) -> int:
+        return self.blocks[-1].end
+
+    async def run(self) -> None:
+        response = self.response
+        current = 0
+        try:
+            if response is None:
+                response = await self.cache.fetch(self.record, self.start, self.end - 1, self.stats)
+            skip = self._check(response)
+            if not self.ready.done():
+                self.ready.set_result(None)
+            block = self.blocks[0]
+            async for chunk in response.iter_body():
+                self.stats.upstream_bytes += len(chunk)
+                view = memoryview(chunk)
+                if skip:
+                    # The origin ignored Range and sent the object from byte 0.
+                    dropped = min(skip, len(view))
+                    view, skip = view[dropped:], skip - dropped
+                while view and current < len(self.blocks):
+                    assert block.data is not None
+                    want = block.end - block.start - len(block.data)
+                    block.data += view[:want]
+                    view = view[want:]
+                    block.notify()
+                    if len(block.data) == block.end - block.start:
+                        await self.cache.persist(block)
+                        current += 1
+                        if current < len(self.blocks):
+                            block = self.blocks[current]
+                if current == len(self.blocks):
+                    break
+            if current < len(self.blocks):
+                raise UpstreamBodyError("the origin sent fewer bytes than the range it announced")
+        except BaseException as exc:
+            if not self.ready.done():
+                self.ready.set_exception(exc if not isinstance(exc, asyncio.CancelledError) else NotCached())
+                self.ready.exception()  # retrieved: waiters that gave up must not warn
+            failure = exc if isinstance(exc, (NotCached, ObjectChanged, UpstreamBodyError)) else NotCached(str(exc))
+            for block in self.blocks[current:]:
+                block.fail(failure)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            if not isinstance(exc, (NotCached, ObjectChanged, UpstreamBodyError, errors.S3Error)):
+                log.exception("fill of %s/%s failed", self.record.bucket, self.record.key)
+        finally:
+            if response is not None:
+                await response.close()
+            self.cache.fill_finished(self)
+
+    def _check(self, response: OriginResponse) -> int:
+        """Validate the origin's answer; returns how many leading bytes to skip."""
+        if response.status == 412:
+            raise ObjectChanged()
+        if response.status not in (200, 206):
+            raise errors.S3Error("BadGateway", f"The origin answered {response.status} to a block fill.", 502)
+        etag = response.headers.get("ETag")
+        if etag is not None and etag != self.record.etag:
+            raise ObjectChanged()
+        if response.status == 200:
+            return self.start  # whole object: skip to our first block
+        content_range = response.headers.get("Content-Range", "")
+        if not content_range.startswith(f"bytes {self.start}-"):
+            raise errors.S3Error("BadGateway", "The origin answered another range than asked.", 502)
+        return 0

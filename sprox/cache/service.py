@@ -1,0 +1,561 @@
+"""ObjectCache: GET and HEAD of objects answered from cached blocks, misses filled
+from the origin; writes through Sprox invalidate what they change.
+
+One request's path through the cache:
+
+    serve(request)
+      bypass?  (versionId, partNumber, SSE-C, checksum mode, --no-cache) -> None: forward
+      record   = index.get(bucket, key), revalidated with a HEAD after --ttl
+      no record: HEAD -> record (HEAD, suffix ranges); GET -> one block-aligned GET whose
+                 response creates the record and becomes the first fill
+      conditions (If-Match ...) and Range evaluated against the record
+      plan     : present blocks -> file spans; in-flight blocks -> their fills; missing
+                 runs of adjacent blocks -> one new FillRun each (single flight)
+      answer   : status and headers now; the body is an async iterator of pieces,
+                 bytes or FileSpan (sent with sendfile by the front end)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from multidict import CIMultiDict, CIMultiDictProxy, MultiDict, MultiDictProxy
+
+from ..ranges import RangeNotSatisfiable, block_span, content_range, parse_range
+from ..s3 import conditions, errors
+from ..s3.request import S3Request
+from ..upstream.base import Origin, OriginResponse, UpstreamBodyError
+from .blockfiles import BlockFiles, punch_hole
+from .fill import FAILED, PERSISTED, BlockFill, FillRun, NotCached, ObjectChanged
+from .index import CacheIndex
+from .policy import S3FIFO
+from .records import ObjectRecord
+
+log = logging.getLogger("sprox.cache")
+
+# Query parameters that change what a GET returns in ways the cache does not model.
+_BYPASS_PARAMS = frozenset({"versionId", "partNumber"})
+# SSE-C: the key is in the request, and the bytes must not outlive it in our cache.
+# (x-amz-checksum-mode is not here: boto3 sends it on every GET. Cached answers carry
+# no checksum headers, as S3's own ranged answers do not, and clients then skip it.)
+_BYPASS_HEADERS = ("x-amz-server-side-encryption-customer-algorithm",)
+# Writes that change an object (and so must drop its cached record before returning).
+OBJECT_WRITES = frozenset({
+    "PutObject", "CopyObject", "DeleteObject", "CompleteMultipartUpload", "PostObject",
+    "RestoreObject", "PutObjectAcl", "PutObjectTagging", "DeleteObjectTagging",
+    "PutObjectRetention", "PutObjectLegalHold",
+})
+MAX_ATTEMPTS = 3
+
+
+@dataclass(slots=True)
+class FileSpan:
+    """Bytes [offset, offset + length) of a block file, for sendfile."""
+
+    fd: int
+    offset: int
+    length: int
+
+
+@dataclass
+class CachedAnswer:
+    status: int
+    headers: CIMultiDict
+    length: int
+    outcome: str  # HIT, MISS or PARTIAL
+    body: AsyncIterator | None = None  # pieces: bytes or FileSpan
+    passthrough: OriginResponse | None = None  # an origin answer sent as it is
+
+
+@dataclass
+class CacheStats:
+    hits: int = 0
+    misses: int = 0
+    partial: int = 0
+    bypass: int = 0
+    fills: int = 0
+    evicted_blocks: int = 0
+    not_cached: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+class ObjectCache:
+    def __init__(self, origin: Origin, directory: Path, *, capacity: int, block_size: int, ttl: float,
+                 io_threads: int = 16) -> None:
+        self.origin = origin
+        self.directory = directory
+        self.block_size = block_size
+        self.ttl = ttl
+        self.executor = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="sprox-io")
+        self.index = CacheIndex(directory / "index.sqlite")
+        self.files = BlockFiles(directory / "blocks", self.executor)
+        self.policy = S3FIFO(capacity)
+        self.stats = CacheStats()
+        self._inflight: dict[tuple[int, int], BlockFill] = {}
+        self._runs: set[asyncio.Task] = set()
+        self._pins: dict[tuple[int, int], int] = {}
+        self._revalidations: dict[tuple[str, str], asyncio.Future] = {}
+        # Bumped on every invalidation of a key, so a fill that started before a write
+        # cannot install the old version's record after the write returned.
+        self._generation: dict[tuple[str, str], int] = {}
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await asyncio.get_running_loop().run_in_executor(self.executor, self._open)
+        for key in self.policy.evict(self._pinned):  # --cache-size shrank since the last run
+            self._drop_block(key)
+
+    def _open(self) -> None:
+        self.files.prepare()
+        self.index.open()
+        if any(r.block_size != self.block_size for r in self.index.records()):
+            log.warning("block size changed to %d: dropping blocks cached with another size", self.block_size)
+            for record in self.index.records():
+                if record.block_size != self.block_size:
+                    self.index.drop(record)
+                    self.files.remove(record)
+        for record in self.index.records():
+            for i in record.present_blocks():
+                self.policy.insert((record.id, i), record.block_bytes(i))
+
+    async def close(self) -> None:
+        for task in list(self._runs):
+            task.cancel()
+        if self._runs:
+            await asyncio.gather(*self._runs, return_exceptions=True)
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self.executor, self.index.close)
+        self.files.close_all()
+        self.executor.shutdown(wait=True)
+
+    # -- the entry points ------------------------------------------------------------------------
+
+    @staticmethod
+    def bypass_reason(request: S3Request) -> str | None:
+        if any(p in request.query for p in _BYPASS_PARAMS):
+            return "versioned or part request"
+        for name in _BYPASS_HEADERS:
+            if name in request.headers:
+                return name
+        return None
+
+    async def serve(self, request: S3Request) -> CachedAnswer:
+        """Answer a GetObject or HeadObject. Raises S3Error for errors Sprox decides
+        (412, 304, 416); an origin's own error comes back as `passthrough`."""
+        for attempt in range(MAX_ATTEMPTS):
+            try:
+                return await self._serve_once(request)
+            except ObjectChanged:
+                # The object changed under us: forget the record and start again.
+                record = self.index.get(request.bucket, request.key)
+                if record is not None:
+                    self._drop_record(record)
+        raise errors.S3Error("SlowDown", "The object kept changing while Sprox read it; retry.", 503)
+
+    async def _serve_once(self, request: S3Request) -> CachedAnswer:
+        bucket, key = request.bucket, request.key
+        assert bucket is not None and key is not None
+        record = self.index.get(bucket, key)
+        force = "no-cache" in request.headers.get("Cache-Control", "").lower()
+        if record is not None and (force or time.time() - record.validated_at > self.ttl):
+            record, answer = await self._revalidate(request, record)
+            if answer is not None:
+                return answer
+        head = request.method == "HEAD"
+        range_header = request.headers.get("Range")
+        learned = False
+        if record is None:
+            if head or (range_header or "").strip().lower().replace(" ", "").startswith("bytes=-"):
+                # A suffix range needs the size to be block-aligned: learn it first.
+                record, answer = await self._learn_by_head(request)
+                if answer is not None:
+                    return answer
+                learned = True
+            else:
+                return await self._serve_cold_get(request)
+        assert record is not None
+        return await self._serve_known(request, record, range_header, fills={}, outcome_miss=learned)
+
+    # -- cold paths --------------------------------------------------------------------------------
+
+    def _origin_request(self, request: S3Request, method: str, headers: dict[str, str]) -> S3Request:
+        return S3Request(
+            request_id=request.request_id, method=method, operation="HeadObject" if method == "HEAD" else "GetObject",
+            bucket=request.bucket, key=request.key, query=MultiDictProxy(MultiDict()),
+            headers=CIMultiDictProxy(CIMultiDict(headers)), raw_path=request.raw_path, raw_query="",
+            stats=request.stats,
+        )
+
+    async def _learn_by_head(self, request: S3Request) -> tuple[ObjectRecord | None, CachedAnswer | None]:
+        generation = self._generation.get((request.bucket, request.key), 0)
+        request.stats.upstream_requests += 1
+        response = await self.origin.send(self._origin_request(request, "HEAD", {}))
+        if response.status != 200:
+            await response.close()
+            # Errors are never cached: ask again with the client's own request so the
+            # client gets the origin's answer (with its body, for a GET).
+            return None, await self._passthrough(request)
+        await response.close()
+        record = self._install(request, 200, response.headers, generation)
+        if record is None:
+            return None, await self._passthrough(request)
+        return record, None
+
+    async def _serve_cold_get(self, request: S3Request) -> CachedAnswer:
+        generation = self._generation.get((request.bucket, request.key), 0)
+        bs = self.block_size
+        headers: dict[str, str] = {}
+        client_range = request.headers.get("Range")
+        first_block = 0
+        if client_range is not None:
+            try:
+                probe = parse_range(client_range, 1 << 62)  # an a-b or a- form: no size needed
+            except RangeNotSatisfiable:
+                probe = None
+            if probe is not None:
+                first, last = probe
+                first_block = first // bs
+                open_ended = last >= (1 << 62) - 1
+                end = "" if open_ended else str((last // bs + 1) * bs - 1)
+                headers["Range"] = f"bytes={first_block * bs}-{end}"
+        request.stats.upstream_requests += 1
+        response = await self.origin.send(self._origin_request(request, "GET", headers))
+        if response.status not in (200, 206):
+            return self._as_passthrough(response)
+        record = self._install(request, response.status, response.headers, generation)
+        if record is None:
+            await response.close()
+            return await self._passthrough(request)
+        end_offset = record.size
+        if response.status == 206:
+            end_offset = int(response.headers["Content-Range"].split("-", 1)[1].split("/", 1)[0]) + 1
+        fills: dict[int, BlockFill] = {}
+        if record.size > 0 and end_offset > first_block * bs:
+            last_block = (end_offset - 1) // bs
+            if response.status == 200:
+                first_block = 0
+            run = self._start_run(record, first_block, last_block, request.stats, response)
+            fills = {b.index: b for b in run.blocks}
+        else:
+            await response.close()
+        return await self._serve_known(request, record, client_range, fills=fills, outcome_miss=True)
+
+    def _install(self, request: S3Request, status: int, headers, generation: int) -> ObjectRecord | None:
+        if self._generation.get((request.bucket, request.key), 0) != generation:
+            return None  # a write went through meanwhile: do not cache the old version
+        record = ObjectRecord.from_response(self.index.new_id(), request.bucket, request.key, status, headers,
+                                            self.block_size)
+        if record is None:
+            return None
+        old = self.index.get(request.bucket, request.key)
+        if old is not None:
+            self._drop_record(old)
+        self.index.put(record)
+        return record
+
+    async def _revalidate(self, request: S3Request, record: ObjectRecord) -> tuple[ObjectRecord | None, CachedAnswer | None]:
+        """Check a stale record with the origin (once, however many requests ask)."""
+        key = (record.bucket, record.key)
+        pending = self._revalidations.get(key)
+        if pending is None:
+            pending = asyncio.get_running_loop().create_future()
+            self._revalidations[key] = pending
+            try:
+                request.stats.upstream_requests += 1
+                response = await self.origin.send(self._origin_request(request, "HEAD", {}))
+                await response.close()
+                if response.status == 200 and response.headers.get("ETag") == record.etag:
+                    self.index.validated(record, time.time())
+                    pending.set_result(record)
+                else:
+                    self._drop_record(record)
+                    pending.set_result(None)
+            except BaseException as exc:
+                pending.set_exception(exc)
+                pending.exception()
+                raise
+            finally:
+                del self._revalidations[key]
+        fresh = await asyncio.shield(pending)
+        if fresh is None:
+            current = self.index.get(record.bucket, record.key)
+            return current, None
+        return fresh, None
+
+    def _as_passthrough(self, response: OriginResponse) -> CachedAnswer:
+        length = response.headers.get("Content-Length")
+        return CachedAnswer(response.status, CIMultiDict(response.headers),
+                            int(length) if length and length.isdigit() else -1, "MISS", passthrough=response)
+
+    async def _passthrough(self, request: S3Request) -> CachedAnswer:
+        request.stats.upstream_requests += 1
+        return self._as_passthrough(await self.origin.send(self._origin_request(request, request.method,
+                                                                                  dict(request.headers))))
+
+    # -- the known-record path -----------------------------------------------------------------
+
+    async def _serve_known(self, request: S3Request, record: ObjectRecord, range_header: str | None, *,
+                           fills: dict[int, BlockFill], outcome_miss: bool) -> CachedAnswer:
+        last_modified = conditions.parse_http_date(record.last_modified) or 0.0
+        conditions.check_conditions(request.headers, record.etag, last_modified)
+        try:
+            span = parse_range(range_header, record.size)
+        except RangeNotSatisfiable:
+            raise errors.invalid_range(record.size, range_header or "") from None
+        headers = CIMultiDict(record.headers)
+        headers["ETag"] = record.etag
+        if record.last_modified:
+            headers["Last-Modified"] = record.last_modified
+        headers["Accept-Ranges"] = "bytes"
+        conditions.apply_response_overrides(request.query, headers)
+        if span is None:
+            status, first, last = 200, 0, record.size - 1
+        else:
+            status, (first, last) = 206, span
+            headers["Content-Range"] = content_range(first, last, record.size)
+        length = last - first + 1
+        if request.method == "HEAD" or length == 0:
+            outcome = "MISS" if outcome_miss else "HIT"
+            self._count(outcome)
+            request.stats.cache = outcome
+            return CachedAnswer(status, headers, length, outcome)
+
+        first_block, last_block = block_span(first, last, record.block_size)
+        await self._verify_after_restart(record, first_block, last_block)
+        new_runs: list[FillRun] = []
+        missing: list[int] = []
+        for i in range(first_block, last_block + 1):
+            if i in fills:
+                continue
+            inflight = self._inflight.get((record.id, i))
+            if inflight is not None:
+                fills[i] = inflight
+            elif record.has(i):
+                self.policy.hit((record.id, i))
+            else:
+                missing.append(i)
+        for run_first, run_last in _runs_of(missing):
+            run = self._start_run(record, run_first, run_last, request.stats)
+            new_runs.append(run)
+            fills.update((b.index, b) for b in run.blocks)
+        # Learn whether the origin still has this version before sending any header.
+        for run in new_runs:
+            await asyncio.shield(run.ready)
+        # MISS: this request fetched every block it needed from the origin; PARTIAL:
+        # some; HIT: none (blocks on disk, or joined a fill another request started).
+        fetched = sum(len(run.blocks) for run in new_runs)
+        total_blocks = last_block - first_block + 1
+        if outcome_miss or fetched == total_blocks:
+            outcome = "MISS"
+        elif fetched == 0:
+            outcome = "HIT"
+        else:
+            outcome = "PARTIAL"
+        self._count(outcome)
+        request.stats.cache = outcome
+        keys = [(record.id, i) for i in range(first_block, last_block + 1)]
+        body = self._body(request, record, first, last, fills, keys)
+        return CachedAnswer(status, headers, length, outcome, body=body)
+
+    async def _body(self, request: S3Request, record: ObjectRecord, first: int, last: int,
+                    fills: dict[int, BlockFill], pins: list[tuple[int, int]]) -> AsyncIterator:
+        # Pinned blocks are passed over by eviction while this response reads them.
+        for pin in pins:
+            self._pins[pin] = self._pins.get(pin, 0) + 1
+        fd = self.files.acquire(record)
+        pos = first
+        try:
+            while pos <= last:
+                index = pos // record.block_size
+                fill = fills.get(index)
+                if fill is None or fill.state == PERSISTED:
+                    if not record.has(index):
+                        # Evicted or dropped while we were reading: fetch the rest directly.
+                        async for chunk in self._fetch_direct(record, pos, last, request.stats):
+                            yield chunk
+                        return
+                    # One span over every consecutive block on disk: one sendfile.
+                    end = min(last + 1, record.block_range(index)[1])
+                    nxt = index + 1
+                    while end <= last and record.has(nxt) and (nxt not in fills or fills[nxt].state == PERSISTED):
+                        end = min(last + 1, record.block_range(nxt)[1])
+                        nxt += 1
+                    yield FileSpan(fd, pos, end - pos)
+                    pos = end
+                    continue
+                if fill.state == FAILED:
+                    async for chunk in self._fetch_direct(record, pos, last, request.stats):
+                        yield chunk
+                    return
+                available = fill.filled_to
+                if available > pos and fill.data is not None:
+                    until = min(available, last + 1)
+                    yield bytes(fill.data[pos - fill.start:until - fill.start])
+                    pos = until
+                else:
+                    await fill.changed()
+        finally:
+            self.files.release(record)
+            for pin in pins:
+                left = self._pins[pin] - 1
+                if left:
+                    self._pins[pin] = left
+                else:
+                    del self._pins[pin]
+
+    async def _fetch_direct(self, record: ObjectRecord, first: int, last: int, stats) -> AsyncIterator[bytes]:
+        """Bytes straight from the origin, for a request whose blocks cannot be cached
+        (full disk, a dropped record): the request degrades to pass-through."""
+        self.stats.not_cached += 1
+        response = await self.fetch(record, first, last, stats)
+        try:
+            if response.status != 206 or response.headers.get("ETag", record.etag) != record.etag:
+                raise UpstreamBodyError(f"origin answered {response.status} while serving uncached bytes")
+            async for chunk in response.iter_body():
+                stats.upstream_bytes += len(chunk)
+                yield chunk
+        finally:
+            await response.close()
+
+    async def fetch(self, record: ObjectRecord, first: int, last: int, stats) -> OriginResponse:
+        """A ranged GET of one version of an object from the origin."""
+        stats.upstream_requests += 1
+        request = S3Request(
+            request_id="fill", method="GET", operation="GetObject", bucket=record.bucket, key=record.key,
+            query=MultiDictProxy(MultiDict()),
+            headers=CIMultiDictProxy(CIMultiDict({"Range": f"bytes={first}-{last}", "If-Match": record.etag})),
+            raw_path="", raw_query="", stats=stats,
+        )
+        return await self.origin.send(request)
+
+    # -- fills ----------------------------------------------------------------------------------------
+
+    def _start_run(self, record: ObjectRecord, first: int, last: int, stats,
+                   response: OriginResponse | None = None) -> FillRun:
+        run = FillRun(self, record, first, last, stats, response)
+        for block in run.blocks:
+            self._inflight[(record.id, block.index)] = block
+        task = asyncio.get_running_loop().create_task(run.run(), name=f"fill {record.key}")
+        self._runs.add(task)
+        task.add_done_callback(self._runs.discard)
+        self.stats.fills += 1
+        return run
+
+    def fill_finished(self, run: FillRun) -> None:
+        for block in run.blocks:
+            if self._inflight.get((run.record.id, block.index)) is block:
+                del self._inflight[(run.record.id, block.index)]
+
+    async def persist(self, block: BlockFill) -> None:
+        """Write a complete block, then mark it present. Raises NotCached (after failing
+        the block) when it cannot be stored."""
+        record = block.record
+        if self.index.by_id.get(record.id) is not record:
+            block.fail(NotCached("record dropped"))
+            raise NotCached("record dropped")
+        data = block.data
+        assert data is not None
+        size = len(data)
+        victims = self.policy.evict(self._pinned, need=size)
+        for victim in victims:
+            self._drop_block(victim)
+        fd = self.files.acquire(record)
+        try:
+            crc = await self.files.run(self.files.write_block, fd, block.start, data)
+        except OSError as exc:
+            log.warning("cannot store a block of %s/%s (%s): serving it uncached", record.bucket, record.key,
+                        exc.strerror)
+            block.fail(NotCached(exc.strerror))
+            raise NotCached(exc.strerror) from None
+        finally:
+            self.files.release(record)
+        if self.index.add_block(record, block.index, crc):
+            self.policy.insert((record.id, block.index), size)
+        block.state = PERSISTED
+        block.data = None
+        block.notify()
+
+    async def _verify_after_restart(self, record: ObjectRecord, first: int, last: int) -> None:
+        for i in range(first, last + 1):
+            if record.has(i) and record.is_unverified(i):
+                start, end = record.block_range(i)
+                fd = self.files.acquire(record)
+                try:
+                    ok = await self.files.run(BlockFiles.block_matches, fd, start, end - start, record.crcs[i])
+                except OSError:
+                    ok = False
+                finally:
+                    self.files.release(record)
+                if ok:
+                    record.set_present(i, record.crcs[i])
+                else:
+                    log.warning("block %d of %s/%s failed its checksum: dropped", i, record.bucket, record.key)
+                    self._drop_block((record.id, i))
+
+    # -- dropping -------------------------------------------------------------------------------------
+
+    def _pinned(self, key) -> bool:
+        return key in self._pins
+
+    def _drop_block(self, key: tuple[int, int]) -> None:
+        record = self.index.by_id.get(key[0])
+        self.policy.remove(key)
+        if record is None or not record.has(key[1]):
+            return
+        self.index.drop_block(record, key[1])
+        self.stats.evicted_blocks += 1
+        start, end = record.block_range(key[1])
+        fd = self.files.acquire(record)  # held until the hole is punched
+        done = asyncio.get_running_loop().run_in_executor(self.executor, punch_hole, fd, start, end - start)
+        done.add_done_callback(lambda _f, r=record: self.files.release(r))
+
+    def _drop_record(self, record: ObjectRecord) -> None:
+        for i in record.present_blocks():
+            self.policy.remove((record.id, i))
+        for (record_id, index), block in list(self._inflight.items()):
+            if record_id == record.id:
+                block.fail(NotCached("record dropped"))
+        if self.index.drop(record):
+            self.files.remove(record)
+
+    def invalidate(self, bucket: str, key: str) -> None:
+        """Forget a key now (a write through Sprox changed it)."""
+        self._generation[(bucket, key)] = self._generation.get((bucket, key), 0) + 1
+        record = self.index.get(bucket, key)
+        if record is not None:
+            self._drop_record(record)
+
+    def invalidate_bucket(self, bucket: str) -> None:
+        for record in self.index.records():
+            if record.bucket == bucket:
+                self.invalidate(bucket, record.key)
+
+    def _count(self, outcome: str) -> None:
+        if outcome == "HIT":
+            self.stats.hits += 1
+        elif outcome == "MISS":
+            self.stats.misses += 1
+        else:
+            self.stats.partial += 1
+
+    @property
+    def used_bytes(self) -> int:
+        return self.policy.used
+
+
+def _runs_of(indexes: list[int]) -> list[tuple[int, int]]:
+    """[1, 2, 3, 7, 8] -> [(1, 3), (7, 8)]: adjacent missing blocks share one GET."""
+    runs: list[tuple[int, int]] = []
+    for i in indexes:
+        if runs and runs[-1][1] == i - 1:
+            runs[-1] = (runs[-1][0], i)
+        else:
+            runs.append((i, i))
+    return runs
