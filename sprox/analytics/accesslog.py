@@ -1,0 +1,421 @@
+"""The access log: one record per S3 request, written to Parquet files.
+
+Use:
+
+    log = AccessLog(Path("/var/lib/sprox/access"))
+    await log.start()
+    log.record(AccessRecord(...))   # per request: O(1), no I/O, never raises
+    await log.close()               # at shutdown
+    table = read_access_log(Path("/var/lib/sprox/access"))
+
+Schema (`SCHEMA`, version "1" in the schema metadata key `sprox.accesslog.version`)
+-----------------------------------------------------------------------------------
+
+| column              | type                  | null | meaning                                     |
+|---------------------|-----------------------|------|---------------------------------------------|
+| `time`              | timestamp[us, tz=UTC] | no   | when the request started                    |
+| `request_id`        | string                | no   | the `x-amz-request-id` Sprox answered with  |
+| `operation`         | string                | no   | S3 operation, e.g. `GetObject`              |
+| `bucket`            | string                | yes  | bucket; None for ListBuckets                |
+| `key`               | string                | yes  | object key, exactly as the client sent it   |
+| `range`             | string                | yes  | the client's Range header as sent           |
+| `status`            | int16                 | no   | HTTP status sent to the client              |
+| `bytes_sent`        | int64                 | no   | body bytes sent to the client               |
+| `cache`             | string                | yes  | HIT, MISS, PARTIAL, BYPASS; None: no object |
+| `upstream_requests` | int32                 | no   | requests made to the origin for this one    |
+| `upstream_bytes`    | int64                 | no   | body bytes received from the origin         |
+| `latency_ms`        | float64               | no   | request start to the last byte sent         |
+| `user_agent`        | string                | yes  | the client's User-Agent                     |
+| `access_key`        | string                | yes  | the access key the request was signed with  |
+
+The schema only grows: a new column is added at the end with a new version number;
+columns are never renamed, retyped or reordered, so reports over old and new files keep
+working (`read_access_log` fills columns an older file lacks with nulls).
+`AccessRecord.time` is float seconds since the epoch, stored rounded to the microsecond;
+`cache` is None for operations that read no object (listings, writes, deletes).
+
+Files
+-----
+In `directory`, one file per period, named at open time (UTC) as
+`access-YYYYMMDDTHHMMSSZ-<pid>-<seq>.parquet` (seq: six digits, counting up within the
+process), so names sort by time and two processes never write the same file. Each flush
+appends one row group (zstd); a file is closed when it reaches `rotate_bytes` after a
+flush, or at the first flush tick after it is `rotate_seconds` old (a quiet log closes
+its file then and opens the next one only when records arrive).
+
+While open, a file is named `<name>.parquet.inprogress`; it is renamed to `<name>.parquet`
+once its footer is written and fsynced. Readers (`read_access_log`, reports: point them
+at `*.parquet`) therefore never see a half-written file, and rows become readable when
+their file is closed: at the latest `rotate_seconds + flush_seconds` after being
+recorded, or at `close()`.
+
+An `.inprogress` file that stays behind (the process crashed, or a write failed and the
+file was abandoned) has no footer and cannot be read. Sprox never reads, renames or
+deletes one: `start()` names those it finds in a warning, and removing them is the
+operator's call (in a shared directory, one may belong to another running process).
+
+Threads, failures, memory
+-------------------------
+All methods are called on the event loop thread; `record()` is not thread-safe. Every
+file operation runs on one dedicated writer thread, so writes happen in order and never
+block the loop. Errors (disk full, directory gone) are logged at most once a minute and
+counted, never raised into request handling: the failed batch is dropped, the open file
+is abandoned and the next flush starts a new one. A record that does not fit the schema
+(a bug in the caller) is dropped alone, not with its batch.
+
+The buffer holds at most `10 * flush_rows` records: when writing falls that far behind,
+the oldest are dropped. Counters: `written` (rows written to a file), `dropped` (records
+that will never be written, for any reason), `write_errors` (failed file operations).
+After `close()`, every record given to `record()` is counted in `written` or `dropped`
+(rows of a file abandoned after they were written stay counted as written).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import suppress
+from functools import partial
+from pathlib import Path
+from typing import NamedTuple
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+log = logging.getLogger("sprox.accesslog")
+
+SCHEMA_VERSION = "1"
+
+SCHEMA = pa.schema(
+    [
+        pa.field("time", pa.timestamp("us", tz="UTC"), nullable=False),
+        pa.field("request_id", pa.string(), nullable=False),
+        pa.field("operation", pa.string(), nullable=False),
+        pa.field("bucket", pa.string()),
+        pa.field("key", pa.string()),
+        pa.field("range", pa.string()),
+        pa.field("status", pa.int16(), nullable=False),
+        pa.field("bytes_sent", pa.int64(), nullable=False),
+        pa.field("cache", pa.string()),
+        pa.field("upstream_requests", pa.int32(), nullable=False),
+        pa.field("upstream_bytes", pa.int64(), nullable=False),
+        pa.field("latency_ms", pa.float64(), nullable=False),
+        pa.field("user_agent", pa.string()),
+        pa.field("access_key", pa.string()),
+    ],
+    metadata={"sprox.accesslog.version": SCHEMA_VERSION},
+)
+
+INPROGRESS = ".inprogress"
+
+# How far writing may fall behind, in flushes, before the oldest records are dropped.
+BUFFER_FLUSHES = 10
+
+# Repeated warnings (drops, write errors) are logged at most this often.
+WARN_INTERVAL = 60.0
+
+
+class AccessRecord(NamedTuple):
+    """One S3 request; fields are the columns of `SCHEMA`, in order (pass them by name)."""
+
+    time: float
+    request_id: str
+    operation: str
+    bucket: str | None
+    key: str | None
+    range: str | None
+    status: int
+    bytes_sent: int
+    cache: str | None
+    upstream_requests: int
+    upstream_bytes: int
+    latency_ms: float
+    user_agent: str | None
+    access_key: str | None
+
+
+class AccessLog:
+    """Buffers `AccessRecord`s and writes them to rotating Parquet files in `directory`."""
+
+    def __init__(self, directory: Path, *, flush_rows: int = 10_000, flush_seconds: float = 5.0,
+                 rotate_bytes: int = 64 * 2**20, rotate_seconds: float = 3600.0) -> None:
+        for name, value in [("flush_rows", flush_rows), ("flush_seconds", flush_seconds),
+                            ("rotate_bytes", rotate_bytes), ("rotate_seconds", rotate_seconds)]:
+            if not value > 0:
+                raise ValueError(f"access log: {name} must be positive, not {value!r}")
+        self.directory = Path(directory)
+        self.flush_rows = flush_rows
+        self.flush_seconds = flush_seconds
+        self.written = 0
+        self.dropped = 0
+        self.write_errors = 0
+        self._files = _ParquetFiles(self.directory, rotate_bytes, rotate_seconds)
+        self._capacity = BUFFER_FLUSHES * flush_rows
+        self._buffer: deque[AccessRecord] = deque(maxlen=self._capacity)
+        self._wake = asyncio.Event()
+        self._executor: ThreadPoolExecutor | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._closed = False
+        self._warned_at: dict[str, float] = {}
+        self._dropped_warned = 0
+
+    async def start(self) -> None:
+        """Create `directory` if needed, warn about stale `.inprogress` files, and start
+        the writer thread and the periodic flush. Raises OSError if `directory` cannot
+        be created: a bad setting should stop startup, not every later write."""
+        if self._executor is not None or self._closed:
+            raise RuntimeError("AccessLog.start() may be called once, before close()")
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sprox-accesslog")
+        try:
+            stale = await asyncio.get_running_loop().run_in_executor(self._executor, self._files.prepare)
+        except Exception:
+            self._executor.shutdown()  # its only job has finished: the join is instant
+            self._executor = None
+            raise
+        if stale:
+            names = ", ".join(path.name for path in stale[:10]) + (" ..." if len(stale) > 10 else "")
+            log.warning("access log: %d unfinished file(s) in %s, left by a crashed (or another "
+                        "running) process; they are never read, delete them when sure: %s",
+                        len(stale), self.directory, names)
+        self._task = asyncio.create_task(self._flush_periodically(), name="sprox-accesslog-flush")
+
+    def record(self, rec: AccessRecord) -> None:
+        """Buffer one record. O(1), no I/O, never raises; wakes the flush task when
+        `flush_rows` records are waiting."""
+        if self._closed:
+            self.dropped += 1
+            return
+        buffer = self._buffer
+        if len(buffer) == self._capacity:
+            self.dropped += 1  # the append pushes the oldest record out
+        buffer.append(rec)
+        if len(buffer) >= self.flush_rows:
+            self._wake.set()
+
+    async def flush(self) -> None:
+        """Write what is buffered as one row group (and close the current file if it is
+        due for rotation); return once that is done. Failures are counted, not raised."""
+        if self._executor is None:
+            return
+        rows, self._buffer = self._buffer, deque(maxlen=self._capacity)
+        self._wake.clear()
+        await self._run_on_writer(len(rows), self._files.write, rows)
+        if self.dropped > self._dropped_warned and self._may_warn("dropped"):
+            log.warning("access log: %d record(s) dropped (%d in total): writing falls behind "
+                        "or fails", self.dropped - self._dropped_warned, self.dropped)
+            self._dropped_warned = self.dropped
+
+    async def close(self) -> None:
+        """Write what is buffered, close the current file (so it is renamed to `.parquet`),
+        stop the flush task and the writer thread. Later records count as dropped."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._executor is None:  # never started: nothing can be written
+            self.dropped += len(self._buffer)
+            self._buffer.clear()
+            return
+        try:
+            if self._task is not None:
+                self._task.cancel()
+                await asyncio.wait([self._task])  # wait(), unlike await, does not re-raise its cancellation
+            await self.flush()
+            await self._run_on_writer(0, self._files.close)
+        except BaseException:
+            # Cancelled: don't block the loop. The thread finishes its queue, then exits.
+            self._executor.shutdown(wait=False)
+            self._executor = None
+            raise
+        # Joins a thread with nothing left to do (its last job was awaited above): instant.
+        self._executor.shutdown()
+        self._executor = None
+
+    async def _flush_periodically(self) -> None:
+        while True:
+            with suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.flush_seconds)
+            await self.flush()
+
+    async def _run_on_writer(self, nrows: int, job: Callable[..., int], *args: object) -> None:
+        """Run `job(*args)` (which writes `nrows` records) on the writer thread."""
+        assert self._executor is not None
+        future = asyncio.get_running_loop().run_in_executor(self._executor, job, *args)
+        # Counting in a callback, and waiting with wait() rather than await, means a
+        # cancelled caller neither cancels a queued write (its rows would vanish
+        # uncounted) nor skips the counting; errors are counted there, never raised.
+        future.add_done_callback(partial(self._count, nrows))
+        await asyncio.wait([future])
+
+    def _count(self, nrows: int, future: asyncio.Future[int]) -> None:
+        if future.cancelled():
+            self.dropped += nrows
+            return
+        error = future.exception()
+        if error is not None:
+            self.write_errors += 1
+            self.dropped += nrows
+            if self._may_warn("write_error"):
+                # An OSError (disk full, permissions) says all in its message; a traceback is
+                # for anything else, which would be a bug.
+                log.error("access log: writing to %s failed (%d failure(s) so far), %d record(s) "
+                          "lost: %s", self.directory, self.write_errors, nrows, error,
+                          exc_info=None if isinstance(error, OSError) else error)
+            return
+        written = future.result()
+        self.written += written
+        if written < nrows:
+            self.dropped += nrows - written
+            if self._may_warn("invalid"):
+                log.error("access log: %d record(s) dropped: a field does not fit the schema",
+                          nrows - written)
+
+    def _may_warn(self, kind: str) -> bool:
+        now = time.monotonic()
+        if now - self._warned_at.get(kind, -WARN_INTERVAL) < WARN_INTERVAL:
+            return False
+        self._warned_at[kind] = now
+        return True
+
+
+def read_access_log(directory: str | os.PathLike[str]) -> pa.Table:
+    """Every complete access log file in `directory`, oldest first, as one table with
+    `SCHEMA`. `.inprogress` files are skipped. Blocking: not for the event loop thread."""
+    paths = sorted(Path(directory).glob("access-*.parquet"))
+    tables = [pq.read_table(path, schema=SCHEMA) for path in paths]
+    return pa.concat_tables(tables) if tables else SCHEMA.empty_table()
+
+
+def _utc_stamp() -> str:
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+
+
+class _ParquetFiles:
+    """The log's sequence of files. Every method runs on the log's one writer thread."""
+
+    def __init__(self, directory: Path, rotate_bytes: int, rotate_seconds: float) -> None:
+        self.directory = directory
+        self.rotate_bytes = rotate_bytes
+        self.rotate_seconds = rotate_seconds
+        self._seq = 0
+        self._path: Path | None = None  # the open file, still named .inprogress
+        self._file = None
+        self._writer: pq.ParquetWriter | None = None
+        self._opened_at = 0.0
+
+    def prepare(self) -> list[Path]:
+        """Create the directory; return the `.inprogress` files already in it."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        return sorted(self.directory.glob("access-*" + INPROGRESS))
+
+    def write(self, rows: Sequence[AccessRecord]) -> int:
+        """Append `rows` as one row group, opening a file if none is open, then close the
+        file if it is due for rotation. Returns how many rows were written."""
+        table = _valid_rows_table(rows) if rows else None
+        try:
+            if table is not None and table.num_rows:
+                if self._writer is None:
+                    self._open()
+                assert self._writer is not None
+                self._writer.write_table(table, row_group_size=table.num_rows)
+            if self._writer is not None and self._rotation_due():
+                self._close_file()
+        except BaseException:
+            self._abandon()
+            raise
+        return 0 if table is None else table.num_rows
+
+    def close(self) -> int:
+        """Close the open file, if any, and publish it as `.parquet`."""
+        try:
+            if self._writer is not None:
+                self._close_file()
+        except BaseException:
+            self._abandon()
+            raise
+        return 0
+
+    def _rotation_due(self) -> bool:
+        assert self._file is not None
+        return (self._file.tell() >= self.rotate_bytes
+                or time.monotonic() - self._opened_at >= self.rotate_seconds)
+
+    def _open(self) -> None:
+        stamp = _utc_stamp()
+        while True:
+            name = f"access-{stamp}-{os.getpid()}-{self._seq:06d}.parquet"
+            self._seq += 1
+            path = self.directory / (name + INPROGRESS)
+            if (self.directory / name).exists():
+                continue  # same pid, same second: a process before a restart
+            try:
+                file = open(path, "xb")  # exclusive: never take over another writer's file
+            except FileExistsError:
+                continue
+            break
+        try:
+            self._writer = pq.ParquetWriter(file, SCHEMA, compression="zstd")
+        except BaseException:
+            file.close()
+            with suppress(OSError):
+                path.unlink()  # it holds no rows
+            raise
+        self._file, self._path, self._opened_at = file, path, time.monotonic()
+
+    def _close_file(self) -> None:
+        assert self._writer is not None and self._file is not None and self._path is not None
+        self._writer.close()  # writes the footer
+        self._file.flush()
+        # The rename publishes the file to readers: its bytes must be on disk first, or a
+        # crash could leave a complete-looking name on an empty or torn file.
+        os.fsync(self._file.fileno())
+        self._file.close()
+        os.rename(self._path, self._path.with_suffix(""))  # drop ".inprogress"
+        self._writer = self._file = self._path = None
+
+    def _abandon(self) -> None:
+        """After a failure, drop the open file: it keeps its `.inprogress` name, so no
+        reader trusts it, and the next write opens a new one."""
+        if self._writer is None:
+            return
+        log.warning("access log: abandoned %s after a write error (left unread)", self._path)
+        # Otherwise its __del__ would retry the footer on the broken file.
+        self._writer.is_open = False
+        with suppress(OSError):
+            assert self._file is not None
+            self._file.close()
+        self._writer = self._file = self._path = None
+
+
+def _table(rows: Sequence[AccessRecord]) -> pa.Table:
+    columns: list[Sequence[object]] = list(zip(*rows))
+    columns[0] = [round(t * 1_000_000) for t in columns[0]]  # float seconds -> microseconds
+    arrays = [pa.array(column, type=field.type) for column, field in zip(columns, SCHEMA)]
+    for field, array in zip(SCHEMA, arrays):
+        # pyarrow does not enforce nullable=False; a null would break the file's contract.
+        if not field.nullable and array.null_count:
+            raise ValueError(f"access log: {field.name} is None")
+    return pa.Table.from_arrays(arrays, schema=SCHEMA)
+
+
+def _valid_rows_table(rows: Sequence[AccessRecord]) -> pa.Table:
+    """The rows as a table; rows that do not fit the schema are left out."""
+    try:
+        return _table(rows)
+    except (pa.ArrowException, TypeError, ValueError, OverflowError):
+        pass
+    # Rare (a caller bug): find the bad rows one by one rather than lose the batch.
+    good = [row for row in rows if _fits(row)]
+    return _table(good) if good else SCHEMA.empty_table()
+
+
+def _fits(row: AccessRecord) -> bool:
+    try:
+        _table([row])
+    except (pa.ArrowException, TypeError, ValueError, OverflowError):
+        return False
+    return True
