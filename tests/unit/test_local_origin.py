@@ -82,18 +82,14 @@ def target(key: str, query: str = "", bucket: str = BUCKET) -> str:
     return f"{path}?{query}" if query else path
 
 
-class TrailerBody(RequestBody):
-    """A decoded body with given trailers, as the aws-chunked decoder leaves them."""
-
-    def __init__(self, payload: bytes, trailers: dict[str, str]) -> None:
-        super().__init__(None, "", len(payload), len(payload))
-        self._payload = payload
-        self._trailers = trailers
-
-    async def decoded(self):
-        for start in range(0, len(self._payload), 1000):
-            yield self._payload[start:start + 1000]
-        self.trailers = self._trailers
+def aws_chunked(chunks: list[bytes], trailer: str, value: str) -> tuple[bytes, dict]:
+    """An unsigned aws-chunked body of `chunks` with one trailer, as current SDKs send
+    it, and the headers that announce it."""
+    framed = b"".join(b"%x\r\n%s\r\n" % (len(c), c) for c in chunks)
+    framed += b"0\r\n" + f"{trailer}:{value}".encode() + b"\r\n\r\n"
+    headers = {"Content-Encoding": "aws-chunked", "x-amz-content-sha256": "STREAMING-UNSIGNED-PAYLOAD-TRAILER",
+               "x-amz-decoded-content-length": str(sum(map(len, chunks))), "x-amz-trailer": trailer}
+    return framed, headers
 
 
 async def call(origin: LocalOrigin, method: str, target_: str, headers: dict | None = None,
@@ -685,10 +681,10 @@ def test_put_checksums(tmp_path, headers, status, code, echoed):
 
 @pytest.mark.parametrize("trailer_value, status", [(_crc32(PAYLOAD), 200), (_crc32(b"x"), 400)])
 def test_put_checksum_in_trailer(tmp_path, trailer_value, status):
+    framed, headers = aws_chunked([PAYLOAD[:8192], PAYLOAD[8192:]], "x-amz-checksum-crc32", trailer_value)
+
     async def scenario(origin):
-        headers = {"x-amz-trailer": "x-amz-checksum-crc32"}
-        result = await call(origin, "PUT", target("obj"), headers,
-                            TrailerBody(PAYLOAD, {"x-amz-checksum-crc32": trailer_value}))
+        result = await call(origin, "PUT", target("obj"), headers, framed)
         assert result.status == status
         if status == 200:
             assert result.headers["x-amz-checksum-crc32"] == trailer_value
@@ -699,12 +695,8 @@ def test_put_checksum_in_trailer(tmp_path, trailer_value, status):
 
 def test_put_aws_chunked_body(tmp_path):
     """A real aws-chunked body (unsigned, trailing CRC32), as current SDKs send it."""
-    chunks = [PAYLOAD[:8192], PAYLOAD[8192:]]
-    framed = b"".join(b"%x\r\n%s\r\n" % (len(c), c) for c in chunks)
-    framed += b"0\r\nx-amz-checksum-crc32:" + _crc32(PAYLOAD).encode() + b"\r\n\r\n"
-    headers = {"Content-Encoding": "aws-chunked", "x-amz-content-sha256": "STREAMING-UNSIGNED-PAYLOAD-TRAILER",
-               "x-amz-decoded-content-length": str(len(PAYLOAD)), "x-amz-trailer": "x-amz-checksum-crc32",
-               "Content-Type": "text/plain"}
+    framed, headers = aws_chunked([PAYLOAD[:8192], PAYLOAD[8192:]], "x-amz-checksum-crc32", _crc32(PAYLOAD))
+    headers["Content-Type"] = "text/plain"
 
     async def scenario(origin):
         result = await call(origin, "PUT", target("chunked"), headers, framed)
