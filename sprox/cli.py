@@ -32,6 +32,18 @@ def build_parser() -> argparse.ArgumentParser:
             continue
         serve.add_argument(setting.flag, dest=setting.name, default=None, metavar=setting.metavar,
                            choices=setting.choices, help=f"{setting.help} [{setting.env}]")
+    cache = commands.add_parser("cache", help="inspect or change the block cache",
+                                description="Work on a cache directory (--cache-dir, SPROX_CACHE_DIR, "
+                                            "the --config file, else the default).")
+    cache_commands = cache.add_subparsers(dest="cache_command", metavar="ACTION", required=True)
+    for name, text in (("stats", "objects, blocks, bytes and hit ratio"),
+                       ("purge", "drop cached objects: all, or those under s3://bucket[/prefix]"),
+                       ("verify", "check every cached block against its checksum; drop damaged ones")):
+        sub = cache_commands.add_parser(name, help=text, description=text)
+        sub.add_argument("--cache-dir", dest="cache_dir", metavar="DIR", help="[SPROX_CACHE_DIR]")
+        sub.add_argument("--config", dest="config", metavar="FILE", help="[SPROX_CONFIG]")
+        if name == "purge":
+            sub.add_argument("target", nargs="?", metavar="s3://bucket[/prefix]")
     return parser
 
 
@@ -45,6 +57,8 @@ def version_text() -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "cache":
+        return cache_command(args)
     if args.command != "serve":
         parser.print_help()
         return 2
@@ -60,6 +74,45 @@ def main(argv: list[str] | None = None) -> int:
         return asyncio.run(serve(config))
     except KeyboardInterrupt:
         return 130
+
+
+def cache_command(args: argparse.Namespace) -> int:
+    from .cache import admin
+
+    try:
+        config = config_mod.load({"cache_dir": args.cache_dir, "config": args.config})
+    except ConfigError as exc:
+        print(f"sprox: error: {exc}", file=sys.stderr)
+        return 2
+    cache_dir = config.cache_dir or config_mod.default_cache_dir()
+    if not (cache_dir / "index.sqlite").exists():
+        print(f"sprox: error: --cache-dir: no cache in {str(cache_dir)!r}", file=sys.stderr)
+        return 2
+    if args.cache_command == "stats":
+        s = admin.stats(cache_dir)
+        ratio = "n/a" if s["hit_ratio"] is None else f"{s['hit_ratio']:.1%}"
+        byte_ratio = "n/a" if s["byte_hit_ratio"] is None else f"{s['byte_hit_ratio']:.1%}"
+        print(f"cache:     {s['cache_dir']}\nobjects:   {s['objects']}\nblocks:    {s['blocks']}\n"
+              f"bytes:     {s['bytes']} ({s['bytes'] / 2**30:.2f} GiB)\n"
+              f"hit ratio: {ratio} of {s['requests']} object reads ({byte_ratio} of bytes), "
+              f"from closed access-log files")
+        return 0
+    if args.cache_command == "purge":
+        try:
+            bucket, prefix = admin.parse_s3_url(args.target)
+        except ValueError as exc:
+            print(f"sprox: error: {exc}", file=sys.stderr)
+            return 2
+        print(f"purged {admin.purge(cache_dir, bucket, prefix)} objects")
+        return 0
+    try:
+        result = admin.verify(cache_dir)
+    except admin.CacheBusy:
+        print(f"sprox: error: a running Sprox uses {str(cache_dir)!r}: stop it first "
+              "(Sprox re-checks blocks against their checksums after every restart)", file=sys.stderr)
+        return 1
+    print(f"checked {result['checked']} blocks, dropped {result['damaged']} damaged")
+    return 0
 
 
 async def serve(config: Config) -> int:

@@ -119,6 +119,11 @@ class Config:
         return self.cache_dir or default_cache_dir()
 
     @property
+    def logs_path(self) -> Path:
+        """Where the access log's Parquet files go (kept even with --no-cache)."""
+        return (self.cache_dir or default_cache_dir()) / "logs"
+
+    @property
     def endpoint(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"http://{host}:{self.port}"

@@ -65,12 +65,12 @@ class FrontEnd:
         self.use_sendfile = os.environ.get("SPROX_NO_SENDFILE") != "1"
 
     async def handle(self, http: web.Request) -> web.StreamResponse:
-        started = time.monotonic()
+        started_at, started = time.time(), time.monotonic()
         request_id = new_request_id()
         state = _Served()
         response = await self._handle(http, request_id, state)
         if self.access_log is not None:
-            self.access_log.log(http, state.request, response, state.bytes_sent, time.monotonic() - started)
+            self._log_access(http, request_id, state, response.status, started_at, time.monotonic() - started)
         if log.isEnabledFor(logging.DEBUG):
             log.debug("%s %s %s -> %d [%s]", http.remote, http.method, http.raw_path, response.status, request_id)
         return response
@@ -80,12 +80,15 @@ class FrontEnd:
             request = self.parse(http, request_id)
             state.request = request
             if self.verifier is not None:
-                self.verifier.verify(request)
-            if request.operation in OBJECT_READS and self.cache is not None:
+                request.access_key = self.verifier.verify(request)
+            if request.operation in OBJECT_READS and self.cache is None:
+                request.stats.cache = "BYPASS"
+            elif request.operation in OBJECT_READS and self.cache is not None:
                 if self.cache.bypass_reason(request) is None:
                     answer = await self.cache.serve(request)
                     if answer.passthrough is None:
                         return await self.send_answer(http, answer, request_id, state)
+                    request.stats.cache = answer.outcome
                     return await stream_response(http, answer.passthrough, request_id, state,
                                                  x_cache=answer.outcome)
                 request.stats.cache = "BYPASS"
@@ -107,6 +110,24 @@ class FrontEnd:
             return error_response(errors.internal_error(), request_id, head=http.method == "HEAD")
         x_cache = request.stats.cache if request.operation in OBJECT_READS else None
         return await stream_response(http, response, request_id, state, x_cache=x_cache)
+
+    def _log_access(self, http: web.Request, request_id: str, state: _Served, status: int, started_at: float,
+                    seconds: float) -> None:
+        from .analytics.accesslog import AccessRecord
+
+        request = state.request
+        self.access_log.record(AccessRecord(
+            time=started_at, request_id=request_id,
+            operation=request.operation if request is not None else "Invalid",
+            bucket=request.bucket if request is not None else None,
+            key=request.key if request is not None else None,
+            range=http.headers.get("Range"), status=status, bytes_sent=state.bytes_sent,
+            cache=request.stats.cache if request is not None else None,
+            upstream_requests=request.stats.upstream_requests if request is not None else 0,
+            upstream_bytes=request.stats.upstream_bytes if request is not None else 0,
+            latency_ms=seconds * 1000.0, user_agent=http.headers.get("User-Agent"),
+            access_key=request.access_key if request is not None else None,
+        ))
 
     def parse(self, http: web.Request, request_id: str) -> S3Request:
         request = parse_request(http.method, http.raw_path, http.headers, domain=self.domain,

@@ -66,8 +66,11 @@ class Sprox:
             from .cache.listings import ListingCache
 
             listings = ListingCache(self.config.list_ttl)
+        from .analytics.accesslog import AccessLog
+
+        self.access_log = AccessLog(self.config.logs_path)
         self.frontend = FrontEnd(self.origin, verifier=verifier, domain=self.config.domain, cache=self.cache,
-                                 listings=listings)
+                                 listings=listings, access_log=self.access_log)
         self._runner: web.AppRunner | None = None
         self._lock_fd: int | None = None
         self.port: int | None = None
@@ -82,6 +85,7 @@ class Sprox:
     def build_app(self) -> web.Application:
         app = web.Application(handler_args={"max_field_size": 16384, "max_line_size": 16384})
         app.router.add_get(ADMIN_PREFIX + "health", self._health)
+        app.router.add_post(ADMIN_PREFIX + "cache/purge", self._purge)
         app.router.add_route("*", "/{tail:.*}", self.frontend.handle)
         return app
 
@@ -101,12 +105,23 @@ class Sprox:
             raise ConfigError("--cache-dir", f"{str(cache_dir)!r} is in use by another Sprox process") from None
         self._lock_fd = fd
 
+    async def _purge(self, request: web.Request) -> web.Response:
+        """Purge cached objects of a running Sprox (used by `sprox cache purge`)."""
+        if self.cache is None:
+            return web.json_response({"purged": 0})
+        if not request.remote or not request.remote.startswith(("127.", "::1")):
+            return web.json_response({"error": "purge is only accepted from this machine"}, status=403)
+        bucket = request.query.get("bucket") or None
+        prefix = request.query.get("prefix", "")
+        return web.json_response({"purged": self.cache.purge(bucket, prefix)})
+
     async def start(self) -> None:
         try:
             if self.cache is not None:
                 self._lock_cache_dir()
                 await self.cache.start()
             await self.origin.start()
+            await self.access_log.start()
         except BaseException:
             await self.stop()
             raise
@@ -121,6 +136,9 @@ class Sprox:
             raise
         sockets = site._server.sockets if site._server else ()  # aiohttp has no public accessor
         self.port = sockets[0].getsockname()[1] if sockets else self.config.port
+        if self.config.cache_path is not None:
+            # Lets `sprox cache purge` reach this process while it holds the cache lock.
+            (self.config.cache_path / "endpoint").write_text(self.endpoint + "\n")
 
     async def stop(self) -> None:
         """Stop accepting, let in-flight responses finish, flush the cache index,
@@ -130,6 +148,7 @@ class Sprox:
             self._runner = None
         if self.cache is not None and self._lock_fd is not None:
             await self.cache.close()
+        await self.access_log.close()
         await self.origin.close()
         if self._lock_fd is not None:
             os.close(self._lock_fd)

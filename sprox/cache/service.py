@@ -101,6 +101,8 @@ class ObjectCache:
         self._runs: set[asyncio.Task] = set()
         self._pins: dict[tuple[int, int], int] = {}
         self._revalidations: dict[tuple[str, str], asyncio.Future] = {}
+        # Requests for a key Sprox has no record of wait for the first one to learn it.
+        self._learning: dict[tuple[str, str], asyncio.Future] = {}
         # Bumped on every invalidation of a key, so a fill that started before a write
         # cannot install the old version's record after the write returned.
         self._generation: dict[tuple[str, str], int] = {}
@@ -125,7 +127,11 @@ class ObjectCache:
             for i in record.present_blocks():
                 self.policy.insert((record.id, i), record.block_bytes(i))
 
-    async def close(self) -> None:
+    async def close(self, grace: float = 10.0) -> None:
+        """Let fills in flight finish (their bytes were probably just served), for up
+        to `grace` seconds; then cancel the rest and flush the index."""
+        if self._runs:
+            await asyncio.wait(list(self._runs), timeout=grace)
         for task in list(self._runs):
             task.cancel()
         if self._runs:
@@ -171,6 +177,11 @@ class ObjectCache:
         head = request.method == "HEAD"
         range_header = request.headers.get("Range")
         learned = False
+        if record is None and (bucket, key) in self._learning:
+            # Another request is fetching this object's first bytes: wait for its
+            # record, then join its fill instead of sending a GET of our own.
+            await asyncio.wait([self._learning[(bucket, key)]])
+            record = self.index.get(bucket, key)
         if record is None:
             if head or (range_header or "").strip().lower().replace(" ", "").startswith("bytes=-"):
                 # A suffix range needs the size to be block-aligned: learn it first.
@@ -193,7 +204,26 @@ class ObjectCache:
             stats=request.stats,
         )
 
+    def _begin_learning(self, request: S3Request) -> asyncio.Future:
+        key = (request.bucket, request.key)
+        done = asyncio.get_running_loop().create_future()
+        self._learning[key] = done
+
+        def finished(_f: asyncio.Future) -> None:
+            if self._learning.get(key) is done:
+                del self._learning[key]
+
+        done.add_done_callback(finished)
+        return done
+
     async def _learn_by_head(self, request: S3Request) -> tuple[ObjectRecord | None, CachedAnswer | None]:
+        done = self._begin_learning(request)
+        try:
+            return await self._learn_by_head_once(request)
+        finally:
+            done.set_result(None)
+
+    async def _learn_by_head_once(self, request: S3Request) -> tuple[ObjectRecord | None, CachedAnswer | None]:
         generation = self._generation.get((request.bucket, request.key), 0)
         request.stats.upstream_requests += 1
         response = await self.origin.send(self._origin_request(request, "HEAD", {}))
@@ -209,6 +239,14 @@ class ObjectCache:
         return record, None
 
     async def _serve_cold_get(self, request: S3Request) -> CachedAnswer:
+        done = self._begin_learning(request)
+        try:
+            return await self._serve_cold_get_once(request, done)
+        finally:
+            if not done.done():
+                done.set_result(None)
+
+    async def _serve_cold_get_once(self, request: S3Request, learned: asyncio.Future) -> CachedAnswer:
         generation = self._generation.get((request.bucket, request.key), 0)
         bs = self.block_size
         headers: dict[str, str] = {}
@@ -245,6 +283,7 @@ class ObjectCache:
             fills = {b.index: b for b in run.blocks}
         else:
             await response.close()
+        learned.set_result(None)  # the record and its fill exist: waiters can join
         return await self._serve_known(request, record, client_range, fills=fills, outcome_miss=True)
 
     def _install(self, request: S3Request, status: int, headers, generation: int) -> ObjectRecord | None:
@@ -360,16 +399,13 @@ class ObjectCache:
             outcome = "PARTIAL"
         self._count(outcome)
         request.stats.cache = outcome
-        keys = [(record.id, i) for i in range(first_block, last_block + 1)]
-        body = self._body(request, record, first, last, fills, keys)
+        body = self._body(request, record, first, last, fills)
         return CachedAnswer(status, headers, length, outcome, body=body)
 
     async def _body(self, request: S3Request, record: ObjectRecord, first: int, last: int,
-                    fills: dict[int, BlockFill], pins: list[tuple[int, int]]) -> AsyncIterator:
-        # Pinned blocks are passed over by eviction while this response reads them.
-        for pin in pins:
-            self._pins[pin] = self._pins.get(pin, 0) + 1
+                    fills: dict[int, BlockFill]) -> AsyncIterator:
         fd = self.files.acquire(record)
+        pins: list[tuple[int, int]] = []
         pos = first
         try:
             while pos <= last:
@@ -387,7 +423,12 @@ class ObjectCache:
                     while end <= last and record.has(nxt) and (nxt not in fills or fills[nxt].state == PERSISTED):
                         end = min(last + 1, record.block_range(nxt)[1])
                         nxt += 1
+                    # Pinned blocks are passed over by eviction while they are being sent.
+                    pins = [(record.id, i) for i in range(index, nxt)]
+                    self._pin(pins)
                     yield FileSpan(fd, pos, end - pos)
+                    self._unpin(pins)
+                    pins = []
                     pos = end
                     continue
                 if fill.state == FAILED:
@@ -402,13 +443,20 @@ class ObjectCache:
                 else:
                     await fill.changed()
         finally:
+            self._unpin(pins)
             self.files.release(record)
-            for pin in pins:
-                left = self._pins[pin] - 1
-                if left:
-                    self._pins[pin] = left
-                else:
-                    del self._pins[pin]
+
+    def _pin(self, keys: list[tuple[int, int]]) -> None:
+        for key in keys:
+            self._pins[key] = self._pins.get(key, 0) + 1
+
+    def _unpin(self, keys: list[tuple[int, int]]) -> None:
+        for key in keys:
+            left = self._pins[key] - 1
+            if left:
+                self._pins[key] = left
+            else:
+                del self._pins[key]
 
     async def _fetch_direct(self, record: ObjectRecord, first: int, last: int, stats) -> AsyncIterator[bytes]:
         """Bytes straight from the origin, for a request whose blocks cannot be cached
@@ -531,6 +579,14 @@ class ObjectCache:
         record = self.index.get(bucket, key)
         if record is not None:
             self._drop_record(record)
+
+    def purge(self, bucket: str | None, prefix: str = "") -> int:
+        """Forget every cached object (of `bucket`, under `prefix`); returns how many."""
+        doomed = [r for r in self.index.records()
+                  if (bucket is None or r.bucket == bucket) and r.key.startswith(prefix)]
+        for record in doomed:
+            self.invalidate(record.bucket, record.key)
+        return len(doomed)
 
     def invalidate_bucket(self, bucket: str) -> None:
         for record in self.index.records():

@@ -75,6 +75,7 @@ class S3Request:
     virtual_hosted: bool = False
     body: RequestBody | None = field(default=None)
     stats: RequestStats = field(default_factory=RequestStats)
+    access_key: str | None = None  # the key the request was signed with, once verified
 
     @property
     def resource(self) -> str:

@@ -1,0 +1,136 @@
+"""`sprox cache stats | purge | verify`: work on a cache directory from the command line.
+
+`stats` reads the index (SQLite in WAL mode allows that while Sprox runs) and the
+access log. `purge` and `verify` change the cache, so they need the directory's lock:
+when a Sprox holds it, `purge` asks that process over its admin route instead, and
+`verify` says to stop it first."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import sqlite3
+import urllib.parse
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+
+from .blockfiles import BlockFiles
+from .index import CacheIndex
+
+
+class CacheBusy(Exception):
+    """A running Sprox holds the cache directory."""
+
+
+@contextmanager
+def exclusive(cache_dir: Path):
+    fd = os.open(cache_dir / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise CacheBusy(str(cache_dir)) from None
+        yield
+    finally:
+        os.close(fd)
+
+
+def stats(cache_dir: Path) -> dict:
+    index = cache_dir / "index.sqlite"
+    out = {"cache_dir": str(cache_dir), "objects": 0, "blocks": 0, "bytes": 0}
+    if index.exists():
+        db = sqlite3.connect(f"file:{index}?mode=ro", uri=True)
+        try:
+            out["objects"] = db.execute("SELECT count(*) FROM objects").fetchone()[0]
+            blocks, size = db.execute(
+                "SELECT count(*), coalesce(sum(min(o.block_size, o.size - b.idx * o.block_size)), 0) "
+                "FROM blocks b JOIN objects o ON o.id = b.object_id").fetchone()
+            out["blocks"], out["bytes"] = blocks, size
+        finally:
+            db.close()
+    out.update(_hit_ratio(cache_dir / "logs"))
+    return out
+
+
+def _hit_ratio(logs: Path) -> dict:
+    if not logs.is_dir():
+        return {"requests": 0, "hit_ratio": None, "byte_hit_ratio": None}
+    from ..analytics.accesslog import read_access_log
+
+    table = read_access_log(logs).to_pydict()
+    outcomes = [(c, b) for c, b in zip(table["cache"], table["bytes_sent"]) if c in ("HIT", "MISS", "PARTIAL")]
+    if not outcomes:
+        return {"requests": 0, "hit_ratio": None, "byte_hit_ratio": None}
+    hits = sum(1 for c, _ in outcomes if c == "HIT")
+    total_bytes = sum(b for _, b in outcomes)
+    hit_bytes = sum(b for c, b in outcomes if c == "HIT")
+    return {"requests": len(outcomes), "hit_ratio": hits / len(outcomes),
+            "byte_hit_ratio": hit_bytes / total_bytes if total_bytes else None}
+
+
+def purge(cache_dir: Path, bucket: str | None, prefix: str) -> int:
+    """Drop cached objects (all, a bucket, or a prefix of it); returns how many."""
+    try:
+        with exclusive(cache_dir):
+            index = CacheIndex(cache_dir / "index.sqlite")
+            files = BlockFiles(cache_dir / "blocks", executor=None)  # type: ignore[arg-type]
+            index.open()
+            try:
+                doomed = [r for r in index.records()
+                          if (bucket is None or r.bucket == bucket) and r.key.startswith(prefix)]
+                for record in doomed:
+                    index.drop(record)
+                    files.remove(record)
+            finally:
+                index.close()
+            return len(doomed)
+    except CacheBusy:
+        return _purge_running(cache_dir, bucket, prefix)
+
+
+def _purge_running(cache_dir: Path, bucket: str | None, prefix: str) -> int:
+    endpoint = (cache_dir / "endpoint").read_text().strip()
+    query = urllib.parse.urlencode({k: v for k, v in (("bucket", bucket), ("prefix", prefix)) if v})
+    request = urllib.request.Request(f"{endpoint}/_sprox/cache/purge?{query}", method="POST")
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.load(response)["purged"]
+
+
+def verify(cache_dir: Path, progress=None) -> dict:
+    """Check every cached block against its CRC; drop damaged ones."""
+    with exclusive(cache_dir):
+        index = CacheIndex(cache_dir / "index.sqlite")
+        files = BlockFiles(cache_dir / "blocks", executor=None)  # type: ignore[arg-type]
+        index.open()
+        checked = damaged = 0
+        try:
+            for record in index.records():
+                fd = files.acquire(record)
+                try:
+                    for i in record.present_blocks():
+                        start, end = record.block_range(i)
+                        checked += 1
+                        if not BlockFiles.block_matches(fd, start, end - start, record.crcs[i]):
+                            damaged += 1
+                            index.drop_block(record, i)
+                        if progress is not None:
+                            progress(checked, damaged)
+                finally:
+                    files.release(record)
+            index.flush_blocking()
+        finally:
+            files.close_all()
+            index.close()
+        return {"checked": checked, "damaged": damaged}
+
+
+def parse_s3_url(url: str | None) -> tuple[str | None, str]:
+    """`s3://bucket/prefix` -> ("bucket", "prefix"); None -> everything."""
+    if not url:
+        return None, ""
+    if not url.startswith("s3://") or len(url) <= 5:
+        raise ValueError(f"{url!r} is not an s3://bucket[/prefix] URL")
+    bucket, _, prefix = url[5:].partition("/")
+    return bucket, prefix

@@ -1,0 +1,162 @@
+"""A small S3-shaped upstream of our own, for tests that count what the upstream saw.
+
+Objects live in memory; GET and HEAD honour Range (`a-b`, `a-`, `-n`), If-Match and
+If-None-Match like S3; PUT, DELETE and DeleteObjects change them (so a write through
+Sprox is visible here); tests can also change objects directly, "behind Sprox's back".
+An optional first-byte latency makes concurrent requests overlap. Every request is
+recorded. It runs on 127.0.0.1 in a thread of the test process."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+from email.utils import formatdate
+
+from aiohttp import web
+
+_RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
+
+
+@dataclass
+class Seen:
+    method: str
+    path: str
+    range: str | None
+    if_match: str | None
+
+
+@dataclass
+class StoredObject:
+    data: bytes
+    etag: str
+    last_modified: float
+    content_type: str = "application/octet-stream"
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+class CountingUpstream:
+    def __init__(self, first_byte_delay: float = 0.0) -> None:
+        self.objects: dict[str, StoredObject] = {}  # "bucket/key" -> object
+        self.seen: list[Seen] = []
+        self.first_byte_delay = first_byte_delay
+        self.port = 0
+        self._lock = threading.Lock()
+
+    # -- test-side API -----------------------------------------------------------------
+
+    def put(self, bucket: str, key: str, data: bytes, **kw) -> str:
+        etag = '"' + hashlib.md5(data).hexdigest() + '"'
+        with self._lock:
+            self.objects[f"{bucket}/{key}"] = StoredObject(data, etag, time.time(), **kw)
+        return etag
+
+    def count(self, method: str | None = None, key: str | None = None) -> int:
+        with self._lock:
+            return sum(1 for s in self.seen if (method is None or s.method == method)
+                       and (key is None or s.path.endswith("/" + key)))
+
+    def reset_counts(self) -> None:
+        with self._lock:
+            self.seen.clear()
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    # -- the server ------------------------------------------------------------------------
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        path = request.path
+        with self._lock:
+            self.seen.append(Seen(request.method, path, request.headers.get("Range"),
+                                  request.headers.get("If-Match")))
+        if self.first_byte_delay:
+            await asyncio.sleep(self.first_byte_delay)
+        name = path.lstrip("/")
+        if request.method == "PUT":
+            self.put(*name.split("/", 1), await request.read(),
+                     content_type=request.headers.get("Content-Type", "application/octet-stream"))
+            return web.Response(status=200, headers={"ETag": self.objects[name].etag})
+        if request.method == "DELETE":
+            with self._lock:
+                self.objects.pop(name, None)
+            return web.Response(status=204)
+        if request.method == "POST" and "delete" in request.query:
+            body = (await request.read()).decode()
+            bucket = name.rstrip("/")
+            with self._lock:
+                for key in re.findall(r"<Key>(.*?)</Key>", body):
+                    self.objects.pop(f"{bucket}/{key}", None)
+            return web.Response(status=200, content_type="application/xml",
+                                text='<?xml version="1.0"?><DeleteResult/>')
+        with self._lock:
+            obj = self.objects.get(name)
+        if obj is None:
+            body = b"<Error><Code>NoSuchKey</Code><Message>The specified key does not exist.</Message></Error>"
+            return web.Response(status=404, body=None if request.method == "HEAD" else body,
+                                content_type="application/xml")
+        headers = {"ETag": obj.etag, "Last-Modified": formatdate(obj.last_modified, usegmt=True),
+                   "Content-Type": obj.content_type, "Accept-Ranges": "bytes",
+                   **{f"x-amz-meta-{k}": v for k, v in obj.metadata.items()}}
+        if_match = request.headers.get("If-Match")
+        if if_match is not None and if_match != obj.etag:
+            return web.Response(status=412, headers={"ETag": obj.etag})
+        if request.headers.get("If-None-Match") == obj.etag:
+            return web.Response(status=304, headers={"ETag": obj.etag})
+        size = len(obj.data)
+        status, first, last = 200, 0, size - 1
+        match = _RANGE.match(request.headers.get("Range", ""))
+        if match:
+            a, b = match.groups()
+            if a == "":
+                first, last = max(0, size - int(b)), size - 1
+            else:
+                first, last = int(a), min(int(b), size - 1) if b else size - 1
+            if first >= size:
+                return web.Response(status=416, headers={"Content-Range": f"bytes */{size}"})
+            status = 206
+            headers["Content-Range"] = f"bytes {first}-{last}/{size}"
+        headers["Content-Length"] = str(last - first + 1)
+        response = web.StreamResponse(status=status, headers=headers)
+        await response.prepare(request)
+        if request.method == "GET":
+            view = memoryview(obj.data)[first:last + 1]
+            for i in range(0, len(view), 256 * 1024):
+                await response.write(view[i:i + 256 * 1024])
+        await response.write_eof()
+        return response
+
+    def __enter__(self) -> CountingUpstream:
+        self._loop = asyncio.new_event_loop()
+        ready = threading.Event()
+
+        async def start():
+            app = web.Application(client_max_size=1 << 30)
+            app.router.add_route("*", "/{tail:.*}", self._handle)
+            self._runner = web.AppRunner(app, access_log=None)
+            await self._runner.setup()
+            site = web.TCPSite(self._runner, "127.0.0.1", 0)
+            await site.start()
+            self.port = site._server.sockets[0].getsockname()[1]
+
+        def run():
+            asyncio.set_event_loop(self._loop)
+            self._loop.run_until_complete(start())
+            ready.set()
+            self._loop.run_forever()
+            self._loop.run_until_complete(self._runner.cleanup())
+            self._loop.close()
+
+        self._thread = threading.Thread(target=run, daemon=True, name="counting-upstream")
+        self._thread.start()
+        if not ready.wait(10):
+            raise RuntimeError("counting upstream did not start")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)

@@ -1,0 +1,327 @@
+"""The block cache, observed from outside: Sprox as a subprocess in front of an
+upstream that counts every request it receives.
+
+Data is self-checking (byte i of an object is a function of its key and i), so a
+wrong range, a shifted block or bytes of another version are caught."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+
+import aiohttp
+import pytest
+
+from tests.counting_upstream import CountingUpstream
+from tests.data import check_bytes, expected_bytes, object_bytes
+from tests.functional.test_passthrough import raw
+
+BLOCK = 64 * 1024
+SIZE = 5 * BLOCK + 12_345  # six blocks, the last one short
+
+
+@pytest.fixture
+def upstream():
+    with CountingUpstream() as server:
+        yield server
+
+
+def start(start_sprox, tmp_path, upstream, *args, env=None):
+    return start_sprox(tmp_path, "--upstream", upstream.endpoint, "--cache-dir", str(tmp_path / "cache"),
+                       "--block-size", "64KiB", *args, env=env)
+
+
+def get(proc, key, range_header=None, **headers):
+    if range_header:
+        headers["Range"] = range_header
+    return raw(proc.endpoint, "GET", f"/bkt/{key}", headers)
+
+
+RANGES = [
+    # (Range header, first byte, last byte): every form, across block boundaries
+    (None, 0, SIZE - 1),
+    ("bytes=0-0", 0, 0),
+    (f"bytes={BLOCK - 1}-{BLOCK}", BLOCK - 1, BLOCK),
+    (f"bytes={BLOCK}-{3 * BLOCK - 1}", BLOCK, 3 * BLOCK - 1),
+    ("bytes=100000-", 100000, SIZE - 1),
+    ("bytes=-16384", SIZE - 16384, SIZE - 1),
+    ("bytes=-1", SIZE - 1, SIZE - 1),
+    (f"bytes=-{SIZE * 2}", 0, SIZE - 1),
+    (f"bytes={SIZE - 10}-{SIZE + 1000}", SIZE - 10, SIZE - 1),
+]
+
+
+@pytest.mark.parametrize("sendfile", ["sendfile", "copy"])
+def test_every_range_form_cold_then_warm_with_zero_upstream_gets(start_sprox, tmp_path, upstream, sendfile):
+    env = {"SPROX_NO_SENDFILE": "1"} if sendfile == "copy" else None
+    proc = start(start_sprox, tmp_path, upstream, env=env)
+    for header, first, last in RANGES:
+        key = f"obj-{header}"
+        upstream.put("bkt", key, object_bytes(key, SIZE))
+        for attempt in ("cold", "warm"):
+            before = upstream.count("GET")
+            status, headers, body = get(proc, key, header)
+            assert status == (200 if header is None else 206), (header, attempt)
+            assert len(body) == last - first + 1 and check_bytes(key, first, body) is None, (header, attempt)
+            if header is not None:
+                assert headers["content-range"] == f"bytes {first}-{last}/{SIZE}"
+            if attempt == "warm":
+                assert upstream.count("GET") == before, f"warm read of {header} went upstream"
+                assert headers["x-cache"] == "HIT"
+            else:
+                assert headers["x-cache"] == "MISS"
+
+
+def test_missing_blocks_are_fetched_in_one_merged_ranged_get_with_if_match(start_sprox, tmp_path, upstream):
+    proc = start(start_sprox, tmp_path, upstream)
+    etag = upstream.put("bkt", "merged", object_bytes("merged", SIZE))
+    get(proc, "merged", f"bytes=0-{BLOCK - 1}")  # block 0 cached
+    get(proc, "merged", f"bytes={4 * BLOCK}-{5 * BLOCK - 1}")  # block 4 cached
+    upstream.reset_counts()
+    status, headers, body = get(proc, "merged", "bytes=0-")
+    assert status == 206 and headers["x-cache"] == "PARTIAL" and check_bytes("merged", 0, body) is None
+    fills = [s for s in upstream.seen if s.method == "GET"]
+    # Blocks 1-3 in one GET, block 5 in another; each pinned to the version seen.
+    assert {s.range for s in fills} == {f"bytes={BLOCK}-{4 * BLOCK - 1}", f"bytes={5 * BLOCK}-{SIZE - 1}"}
+    assert len(fills) == 2
+    assert all(s.if_match == etag for s in fills)
+
+
+def test_fifty_concurrent_clients_on_a_cold_block_make_one_upstream_get(start_sprox, tmp_path):
+    with CountingUpstream(first_byte_delay=0.3) as slow:
+        proc = start(start_sprox, tmp_path, slow)
+        slow.put("bkt", "hot", object_bytes("hot", SIZE))
+
+        async def one(session):
+            async with session.get(f"{proc.endpoint}/bkt/hot", headers={"Range": "bytes=1000-50000"}) as r:
+                return r.status, await r.read()
+
+        async def all_at_once():
+            async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=100)) as session:
+                return await asyncio.gather(*(one(session) for _ in range(50)))
+
+        results = asyncio.run(all_at_once())
+        assert all(status == 206 and check_bytes("hot", 1000, body) is None and len(body) == 49001
+                   for status, body in results)
+        assert slow.count("GET") == 1
+
+
+def test_head_is_answered_from_the_record_within_the_ttl(start_sprox, tmp_path, upstream):
+    proc = start(start_sprox, tmp_path, upstream, "--ttl", "3600")
+    upstream.put("bkt", "h", object_bytes("h", 1000), content_type="text/csv", metadata={"team": "data"})
+    for _ in range(3):
+        status, headers, body = raw(proc.endpoint, "HEAD", "/bkt/h")
+        assert (status, body) == (200, b"")
+        assert headers["content-length"] == "1000" and headers["content-type"] == "text/csv"
+        assert headers["x-amz-meta-team"] == "data" and headers["etag"] == upstream.objects["bkt/h"].etag
+    assert upstream.count("HEAD") == 1
+
+
+def test_conditions_and_errors_are_evaluated_against_the_record(start_sprox, tmp_path, upstream):
+    proc = start(start_sprox, tmp_path, upstream)
+    etag = upstream.put("bkt", "c", object_bytes("c", 1000))
+    get(proc, "c")
+    upstream.reset_counts()
+    assert get(proc, "c", **{"If-Match": etag})[0] == 200
+    assert get(proc, "c", **{"If-Match": '"other"'})[0] == 412
+    status, headers, body = get(proc, "c", **{"If-None-Match": etag})
+    assert (status, body, headers["etag"]) == (304, b"", etag)
+    assert get(proc, "c", "bytes=1000-")[0] == 416
+    assert upstream.count() == 0
+
+
+def test_errors_are_never_cached(start_sprox, tmp_path, upstream):
+    proc = start(start_sprox, tmp_path, upstream)
+    assert get(proc, "later")[0] == 404
+    upstream.put("bkt", "later", object_bytes("later", 500))
+    status, _, body = get(proc, "later")
+    assert status == 200 and check_bytes("later", 0, body) is None
+
+
+def test_overwrite_through_sprox_is_seen_at_once(start_sprox, tmp_path, upstream):
+    proc = start(start_sprox, tmp_path, upstream, "--ttl", "3600")
+    upstream.put("bkt", "w", object_bytes("v1", SIZE))
+    assert check_bytes("v1", 0, get(proc, "w")[2]) is None
+    assert raw(proc.endpoint, "PUT", "/bkt/w", {}, object_bytes("v2", SIZE))[0] == 200
+    status, headers, body = get(proc, "w")
+    assert status == 200 and headers["x-cache"] == "MISS" and check_bytes("v2", 0, body) is None
+    assert raw(proc.endpoint, "DELETE", "/bkt/w")[0] == 204
+    assert get(proc, "w")[0] == 404
+
+
+def test_overwrite_behind_sprox_is_seen_after_the_ttl(start_sprox, tmp_path, upstream):
+    ttl = 1.0
+    proc = start(start_sprox, tmp_path, upstream, "--ttl", str(ttl))
+    upstream.put("bkt", "b", object_bytes("old", SIZE))
+    assert check_bytes("old", 0, get(proc, "b")[2]) is None
+    changed_at = time.monotonic()
+    upstream.put("bkt", "b", object_bytes("new", SIZE))
+    assert check_bytes("old", 0, get(proc, "b")[2]) is None  # inside the TTL: the cached version
+    deadline = changed_at + ttl + 10
+    while True:
+        body = get(proc, "b")[2]
+        if check_bytes("new", 0, body) is None:
+            break
+        assert check_bytes("old", 0, body) is None, "a response mixed two versions"
+        assert time.monotonic() < deadline, "the new version never appeared"
+    assert time.monotonic() - changed_at >= ttl * 0.9
+
+
+def test_client_no_cache_forces_revalidation(start_sprox, tmp_path, upstream):
+    proc = start(start_sprox, tmp_path, upstream, "--ttl", "3600")
+    upstream.put("bkt", "nc", object_bytes("nc-1", 1000))
+    get(proc, "nc")
+    upstream.put("bkt", "nc", object_bytes("nc-2", 1000))
+    assert check_bytes("nc-1", 0, get(proc, "nc")[2]) is None
+    assert check_bytes("nc-2", 0, get(proc, "nc", **{"Cache-Control": "no-cache"})[2]) is None
+
+
+def test_a_version_change_between_blocks_is_never_stitched(start_sprox, tmp_path, upstream):
+    proc = start(start_sprox, tmp_path, upstream, "--ttl", "3600")
+    upstream.put("bkt", "s", object_bytes("first", SIZE))
+    get(proc, "s", f"bytes=0-{BLOCK - 1}")  # block 0 of the first version cached
+    upstream.put("bkt", "s", object_bytes("second", SIZE))  # behind Sprox's back
+    status, _, body = get(proc, "s")  # block 0 cached (first), blocks 1.. must come from the upstream
+    assert status == 200 and len(body) == SIZE
+    assert check_bytes("second", 0, body) is None, "bytes of two versions in one response"
+
+
+def test_warm_data_stays_warm_across_a_restart(start_sprox, tmp_path, upstream):
+    proc = start(start_sprox, tmp_path, upstream, "--ttl", "3600")
+    upstream.put("bkt", "r", object_bytes("r", SIZE))
+    get(proc, "r")
+    proc.stop()
+    proc = start(start_sprox, tmp_path, upstream, "--ttl", "3600")
+    upstream.reset_counts()
+    status, headers, body = get(proc, "r")
+    assert status == 200 and check_bytes("r", 0, body) is None and headers["x-cache"] == "HIT"
+    assert upstream.count() == 0
+
+
+def test_a_damaged_block_file_is_a_miss_never_wrong_bytes(start_sprox, tmp_path, upstream):
+    proc = start(start_sprox, tmp_path, upstream, "--ttl", "3600")
+    upstream.put("bkt", "d", object_bytes("d", SIZE))
+    get(proc, "d")
+    proc.stop()
+    (block_file,) = (tmp_path / "cache" / "blocks").rglob("*.blk")
+    with open(block_file, "r+b") as f:
+        f.seek(BLOCK + 10)
+        f.write(b"\x00garbage\x00")
+    proc = start(start_sprox, tmp_path, upstream, "--ttl", "3600")
+    upstream.reset_counts()
+    status, _, body = get(proc, "d")
+    assert status == 200 and check_bytes("d", 0, body) is None
+    assert [s.range for s in upstream.seen if s.method == "GET"] == [f"bytes={BLOCK}-{2 * BLOCK - 1}"]
+
+
+def test_cached_bytes_stay_within_the_cache_size(start_sprox, tmp_path, upstream):
+    proc = start(start_sprox, tmp_path, upstream, "--cache-size", "256KiB")
+    for i in range(4):
+        upstream.put("bkt", f"cap{i}", object_bytes(f"cap{i}", SIZE))
+        status, _, body = get(proc, f"cap{i}")
+        assert status == 200 and check_bytes(f"cap{i}", 0, body) is None
+    proc.stop()
+    used = sum(os.stat(p).st_blocks * 512 for p in (tmp_path / "cache" / "blocks").rglob("*.blk"))
+    assert used <= 256 * 1024 + 64 * 1024  # file-system allocation rounding
+
+
+def test_sigkill_during_fills_loses_nothing_and_serves_only_right_bytes(start_sprox, tmp_path):
+    with CountingUpstream(first_byte_delay=0.05) as upstream:
+        keys = [f"k{i}" for i in range(6)]
+        for key in keys:
+            upstream.put("bkt", key, object_bytes(key, SIZE))
+        for cycle in range(3):
+            proc = start(start_sprox, tmp_path, upstream, "--ttl", "3600")
+
+            async def read_all(endpoint):
+                async with aiohttp.ClientSession() as session:
+                    async def one(key):
+                        try:
+                            async with session.get(f"{endpoint}/bkt/{key}") as r:
+                                return await r.read()
+                        except aiohttp.ClientError:
+                            return None
+                    tasks = [asyncio.ensure_future(one(k)) for k in keys]
+                    await asyncio.sleep(0.08 + 0.02 * cycle)  # fills are in flight now
+                    os.killpg(proc._proc.pid, signal.SIGKILL)
+                    await asyncio.gather(*tasks, return_exceptions=True)
+
+            asyncio.run(read_all(proc.endpoint))
+            proc.stop()
+            proc = start(start_sprox, tmp_path, upstream, "--ttl", "3600")
+            for key in keys:
+                for header, first, last in RANGES:
+                    status, _, body = get(proc, key, header)
+                    assert len(body) == last - first + 1 and check_bytes(key, first, body) is None
+            proc.stop()
+
+
+def test_no_cache_is_pure_pass_through(start_sprox, tmp_path, upstream):
+    proc = start_sprox(tmp_path, "--upstream", upstream.endpoint, "--no-cache")
+    upstream.put("bkt", "p", object_bytes("p", 1000))
+    for _ in range(2):
+        status, headers, body = get(proc, "p", "bytes=10-20")
+        assert status == 206 and body == expected_bytes("p", 10, 11) and headers["x-cache"] == "BYPASS"
+    assert upstream.count("GET") == 2
+
+
+def sprox_cli(*args):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "sprox", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_cache_stats_purge_and_verify_commands(start_sprox, tmp_path, upstream):
+    cache = str(tmp_path / "cache")
+    proc = start(start_sprox, tmp_path, upstream, "--ttl", "3600")
+    for key in ("a/1", "a/2", "b/1"):
+        upstream.put("bkt", key, object_bytes(key, SIZE))
+        get(proc, key)
+        get(proc, key)
+    # Purge while running goes through the running process.
+    result = sprox_cli("cache", "purge", "s3://bkt/b/", "--cache-dir", cache)
+    assert result.returncode == 0 and "purged 1 objects" in result.stdout, result.stderr
+    assert get(proc, "b/1")[1]["x-cache"] == "MISS"
+    busy = sprox_cli("cache", "verify", "--cache-dir", cache)
+    assert busy.returncode == 1 and "stop it first" in busy.stderr
+    proc.stop()
+
+    stats = sprox_cli("cache", "stats", "--cache-dir", cache)
+    assert stats.returncode == 0, stats.stderr
+    assert "objects:   3" in stats.stdout and "blocks:    18" in stats.stdout
+    assert f"bytes:     {3 * SIZE} " in stats.stdout
+    assert "hit ratio: 42.9% of 7 object reads" in stats.stdout  # 3 hits of 7 reads
+
+    (block_file, *_) = sorted((tmp_path / "cache" / "blocks").rglob("*.blk"))
+    with open(block_file, "r+b") as f:
+        f.seek(10)
+        f.write(b"\xff" * 8)
+    verified = sprox_cli("cache", "verify", "--cache-dir", cache)
+    assert verified.returncode == 0 and "checked 18 blocks, dropped 1 damaged" in verified.stdout
+
+    offline = sprox_cli("cache", "purge", "--cache-dir", cache)
+    assert offline.returncode == 0 and "purged 3 objects" in offline.stdout
+    assert "objects:   0" in sprox_cli("cache", "stats", "--cache-dir", cache).stdout
+    bad = sprox_cli("cache", "purge", "bucket-without-scheme", "--cache-dir", cache)
+    assert bad.returncode == 2 and "s3://" in bad.stderr
+
+
+def test_access_log_records_every_request(start_sprox, tmp_path, upstream):
+    from sprox.analytics.accesslog import read_access_log
+
+    proc = start(start_sprox, tmp_path, upstream)
+    upstream.put("bkt", "logged", object_bytes("logged", SIZE))
+    get(proc, "logged", "bytes=0-99")
+    get(proc, "logged", "bytes=0-99")
+    get(proc, "missing")
+    proc.stop()
+    rows = read_access_log(tmp_path / "cache" / "logs").to_pylist()
+    assert [(r["operation"], r["status"], r["cache"], r["bytes_sent"]) for r in rows] == [
+        ("GetObject", 206, "MISS", 100), ("GetObject", 206, "HIT", 100), ("GetObject", 404, "MISS", rows[2]["bytes_sent"]),
+    ]
+    assert [r["upstream_requests"] for r in rows] == [1, 0, 1]
+    assert rows[0]["range"] == "bytes=0-99" and rows[0]["key"] == "logged" and rows[0]["latency_ms"] > 0
+    assert rows[0]["upstream_bytes"] >= 100
