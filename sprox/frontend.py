@@ -227,10 +227,13 @@ class FrontEnd:
         loop = asyncio.get_running_loop()
         if self.use_sendfile:
             try:
-                await loop.sendfile(transport, _FdFile(span.fd), span.offset, span.length, fallback=False)
-                return
+                sent = await loop.sendfile(transport, _FdFile(span.fd), span.offset, span.length, fallback=False)
             except NotImplementedError:
                 self.use_sendfile = False  # e.g. an event loop without sendfile support
+            else:
+                if sent != span.length:
+                    raise UpstreamBodyError("block file shorter than its index says")
+                return
         offset, remaining = span.offset, span.length
         while remaining > 0:
             chunk = await loop.run_in_executor(None, os.pread, span.fd, min(COPY_CHUNK, remaining), offset)

@@ -325,3 +325,48 @@ def test_access_log_records_every_request(start_sprox, tmp_path, upstream):
     assert [r["upstream_requests"] for r in rows] == [1, 0, 1]
     assert rows[0]["range"] == "bytes=0-99" and rows[0]["key"] == "logged" and rows[0]["latency_ms"] > 0
     assert rows[0]["upstream_bytes"] >= 100
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 320 KiB file system for the cache, so fills run out of disk space."""
+    import subprocess
+
+    mount = tmp_path / "tiny"
+    mount.mkdir()
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=320k", "tmpfs", str(mount)],
+                            capture_output=True, text=True)
+    if result.returncode != 0:
+        if os.environ.get("CI"):
+            pytest.fail(f"cannot mount a tmpfs in CI: {result.stderr}")
+        pytest.skip(f"mounting a tmpfs needs root: {result.stderr.strip()}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_full_disk_degrades_to_pass_through_and_requests_succeed(tiny_disk, start_sprox, tmp_path, upstream):
+    proc = start_sprox(tmp_path, "--upstream", upstream.endpoint, "--cache-dir", str(tiny_disk),
+                       "--block-size", "64KiB", "--cache-size", "1GiB")
+    size = 2 * 1024 * 1024
+    for i in range(3):
+        key = f"big{i}"
+        upstream.put("bkt", key, object_bytes(key, size))
+        for header, first, last in [(None, 0, size - 1), ("bytes=100000-1500000", 100000, 1500000)]:
+            status, _, body = get(proc, key, header)
+            assert status in (200, 206) and len(body) == last - first + 1
+            assert check_bytes(key, first, body) is None
+
+
+def test_listings_are_cached_for_list_ttl_and_dropped_by_writes(start_sprox, tmp_path):
+    origin = tmp_path / "origin"
+    (origin / "lbkt").mkdir(parents=True)
+    proc = start_sprox(tmp_path, "--origin-dir", str(origin), "--cache-dir", str(tmp_path / "cache"),
+                       "--list-ttl", "3600")
+    raw(proc.endpoint, "PUT", "/lbkt/a", {}, b"1")
+    listing = raw(proc.endpoint, "GET", "/lbkt?list-type=2")[2]
+    assert b"<Key>a</Key>" in listing
+    (origin / "lbkt" / "behind-the-back").write_bytes(b"2")  # not through Sprox: not seen yet
+    assert raw(proc.endpoint, "GET", "/lbkt?list-type=2")[2] == listing
+    raw(proc.endpoint, "PUT", "/lbkt/b", {}, b"3")  # a write through Sprox drops the bucket's listings
+    fresh = raw(proc.endpoint, "GET", "/lbkt?list-type=2")[2]
+    assert b"<Key>b</Key>" in fresh and b"<Key>behind-the-back</Key>" in fresh
