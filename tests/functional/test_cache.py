@@ -370,3 +370,26 @@ def test_listings_are_cached_for_list_ttl_and_dropped_by_writes(start_sprox, tmp
     raw(proc.endpoint, "PUT", "/lbkt/b", {}, b"3")  # a write through Sprox drops the bucket's listings
     fresh = raw(proc.endpoint, "GET", "/lbkt?list-type=2")[2]
     assert b"<Key>b</Key>" in fresh and b"<Key>behind-the-back</Key>" in fresh
+
+
+@pytest.mark.parametrize("sendfile", ["sendfile", "copy"])
+def test_warm_read_larger_than_socket_buffers(start_sprox, tmp_path, upstream, sendfile):
+    import http.client
+
+    env = {"SPROX_NO_SENDFILE": "1"} if sendfile == "copy" else None
+    proc = start_sprox(tmp_path, "--upstream", upstream.endpoint, "--cache-dir", str(tmp_path / "cache"), env=env)
+    size = 24 * 1024 * 1024 + 17
+    upstream.put("bkt", "large", object_bytes("large", size))
+    get(proc, "large")
+    upstream.reset_counts()
+    host, port = proc.endpoint.removeprefix("http://").rsplit(":", 1)
+    conn = http.client.HTTPConnection(host, int(port), timeout=60)
+    conn.request("GET", "/bkt/large", headers={"Range": "bytes=1000-"})
+    response = conn.getresponse()
+    assert response.status == 206 and response.getheader("X-Cache") == "HIT"
+    pos = 1000
+    while chunk := response.read(65536):  # a slow reader: the socket fills, sendfile must wait
+        assert check_bytes("large", pos, chunk) is None
+        pos += len(chunk)
+    conn.close()
+    assert pos == size and upstream.count("GET") == 0
