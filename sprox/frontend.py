@@ -194,10 +194,13 @@ class FrontEnd:
                         await response.write(piece)
                         state.bytes_sent += len(piece)
             await response.write_eof()
-        except (UpstreamBodyError, ConnectionError, asyncio.TimeoutError) as exc:
-            # Headers are gone: a short body must look like an error to the client.
-            if not isinstance(exc, ConnectionError):
+        except Exception as exc:
+            # Headers are gone: a short body must look like an error to the client,
+            # so the connection is cut rather than left waiting.
+            if isinstance(exc, (UpstreamBodyError, asyncio.TimeoutError)):
                 log.warning("cached response %s cut short: %s", request_id, exc)
+            elif not isinstance(exc, ConnectionError):
+                log.exception("cached response %s failed", request_id)
             if http.transport is not None:
                 http.transport.abort()
         finally:
@@ -217,7 +220,7 @@ class FrontEnd:
         if transport.get_write_buffer_size():
             await response.drain()  # headers first, in order
         sock = transport.get_extra_info("socket")
-        await sendfile_to_socket(sock.fileno(), span.fd, span.offset, span.length)
+        await sendfile_to_socket(sock.fileno(), span.fd, span.offset, span.length, transport)
 
     async def _copy_span(self, response: web.StreamResponse, span) -> None:
         offset, remaining = span.offset, span.length
@@ -256,11 +259,16 @@ def read_if_cached(fd: int, size: int, offset: int) -> bytes | None:
     return bytes(buffer)
 
 
-async def sendfile_to_socket(sock_fd: int, file_fd: int, offset: int, count: int) -> None:
+async def sendfile_to_socket(sock_fd: int, file_fd: int, offset: int, count: int, transport=None) -> None:
     """Send a file span on a non-blocking socket with sendfile(2), waiting for the
     socket to become writable when its buffer is full; never blocks the loop on the
     socket. (Pages not in the page cache are read by the kernel during the call.)"""
     loop = asyncio.get_running_loop()
+    # The socket belongs to the aiohttp transport, and the public add_writer refuses
+    # a transport's descriptor; the selector loop's own registration does not. (The
+    # Cython fast lane will own its sockets outright.)
+    add_writer = getattr(loop, "_add_writer", None)
+    remove_writer = getattr(loop, "_remove_writer", None)
     while count > 0:
         try:
             sent = os.sendfile(sock_fd, file_fd, offset, count)
@@ -272,12 +280,30 @@ async def sendfile_to_socket(sock_fd: int, file_fd: int, offset: int, count: int
             offset += sent
             count -= sent
             continue
+        if add_writer is None or remove_writer is None:
+            await _sendfile_via_asyncio(transport, file_fd, offset, count)
+            return
         writable = loop.create_future()
-        loop.add_writer(sock_fd, lambda: writable.done() or writable.set_result(None))
+        add_writer(sock_fd, lambda: writable.done() or writable.set_result(None))
         try:
             await writable
         finally:
-            loop.remove_writer(sock_fd)
+            remove_writer(sock_fd)
+
+
+async def _sendfile_via_asyncio(transport, file_fd: int, offset: int, count: int) -> None:
+    class FdFile:  # the file-object face loop.sendfile wants
+        mode = "rb"
+
+        def fileno(self) -> int:
+            return file_fd
+
+        def seek(self, position: int, whence: int = 0) -> int:
+            return position
+
+    sent = await asyncio.get_running_loop().sendfile(transport, FdFile(), offset, count, fallback=False)
+    if sent != count:
+        raise UpstreamBodyError("block file shorter than its index says")
 
 
 class _Served:
@@ -348,9 +374,11 @@ async def stream_response(http: web.Request, origin: OriginResponse, request_id:
                     state.request.stats.upstream_bytes += len(chunk)
         await response.write_eof()
         return response
-    except (UpstreamBodyError, ConnectionError):
+    except Exception as exc:
         # The status line is already sent: cut the connection so the client sees a
         # short body as an error, never as a complete object.
+        if not isinstance(exc, (UpstreamBodyError, ConnectionError)):
+            log.exception("response %s failed", request_id)
         if http.transport is not None:
             http.transport.abort()
         return response
