@@ -18,6 +18,8 @@ from email.utils import formatdate
 
 from aiohttp import web
 
+from tests.threaded_server import ThreadedServer
+
 _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
 
 
@@ -38,7 +40,7 @@ class StoredObject:
     metadata: dict[str, str] = field(default_factory=dict)
 
 
-class CountingUpstream:
+class CountingUpstream(ThreadedServer):
     def __init__(self, first_byte_delay: float = 0.0) -> None:
         self.objects: dict[str, StoredObject] = {}  # "bucket/key" -> object
         self.seen: list[Seen] = []
@@ -63,13 +65,9 @@ class CountingUpstream:
         with self._lock:
             self.seen.clear()
 
-    @property
-    def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
     # -- the server ------------------------------------------------------------------------
 
-    async def _handle(self, request: web.Request) -> web.StreamResponse:
+    async def handle(self, request: web.Request) -> web.StreamResponse:
         path = request.path
         with self._lock:
             self.seen.append(Seen(request.method, path, request.headers.get("Range"),
@@ -129,34 +127,3 @@ class CountingUpstream:
                 await response.write(view[i:i + 256 * 1024])
         await response.write_eof()
         return response
-
-    def __enter__(self) -> CountingUpstream:
-        self._loop = asyncio.new_event_loop()
-        ready = threading.Event()
-
-        async def start():
-            app = web.Application(client_max_size=1 << 30)
-            app.router.add_route("*", "/{tail:.*}", self._handle)
-            self._runner = web.AppRunner(app, access_log=None)
-            await self._runner.setup()
-            site = web.TCPSite(self._runner, "127.0.0.1", 0)
-            await site.start()
-            self.port = site._server.sockets[0].getsockname()[1]
-
-        def run():
-            asyncio.set_event_loop(self._loop)
-            self._loop.run_until_complete(start())
-            ready.set()
-            self._loop.run_forever()
-            self._loop.run_until_complete(self._runner.cleanup())
-            self._loop.close()
-
-        self._thread = threading.Thread(target=run, daemon=True, name="counting-upstream")
-        self._thread.start()
-        if not ready.wait(10):
-            raise RuntimeError("counting upstream did not start")
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(10)

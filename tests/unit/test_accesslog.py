@@ -9,7 +9,6 @@ writer thread outlives it. Waits poll a condition against a deadline.
 from __future__ import annotations
 
 import asyncio
-import builtins
 import contextlib
 import errno
 import inspect
@@ -30,26 +29,7 @@ from sprox.analytics.accesslog import SCHEMA, AccessLog, AccessRecord, read_acce
 
 FILE_NAME = re.compile(r"access-\d{8}T\d{6}Z-(\d+)-(\d{6})\.parquet")
 
-_GUARDED = [(os, "open"), (os, "stat"), (os, "lstat"), (os, "scandir"), (os, "listdir"),
-            (os, "rename"), (os, "replace"), (os, "unlink"), (os, "mkdir"), (os, "makedirs"),
-            (os, "fsync"), (builtins, "open")]
-
-
-@pytest.fixture(autouse=True)
-def no_blocking_on_loop(monkeypatch):
-    """File-system calls made while an event loop runs in this thread fail the test."""
-
-    def guard(name, function):
-        def guarded(*args, **kwargs):
-            try:
-                asyncio.get_running_loop()
-            except RuntimeError:
-                return function(*args, **kwargs)
-            raise AssertionError(f"blocking os call {name}{args[:1]} on the event loop")
-        return guarded
-
-    for module, name in _GUARDED:
-        monkeypatch.setattr(module, name, guard(name, getattr(module, name)))
+from tests.guards import no_blocking_on_loop  # noqa: E402,F401  (autouse: applies to this module)
 
 
 @pytest.fixture(autouse=True)

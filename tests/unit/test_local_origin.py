@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import builtins
 import hashlib
 import os
 import re
@@ -174,25 +173,7 @@ def b64(data: bytes) -> str:
 
 # --- no file-system work on the event loop -------------------------------------------
 
-_GUARDED = [(os, "open"), (os, "stat"), (os, "lstat"), (os, "scandir"), (os, "listdir"), (os, "replace"),
-            (os, "unlink"), (os, "mkdir"), (os, "rmdir"), (os, "pread"), (os, "makedirs"), (builtins, "open")]
-
-
-@pytest.fixture(autouse=True)
-def no_blocking_on_loop(monkeypatch):
-    """File-system calls made while an event loop runs in this thread fail the test."""
-
-    def guard(name, function):
-        def guarded(*args, **kwargs):
-            try:
-                asyncio.get_running_loop()
-            except RuntimeError:
-                return function(*args, **kwargs)
-            raise AssertionError(f"blocking os call {name}{args[:1]} on the event loop")
-        return guarded
-
-    for module, name in _GUARDED:
-        monkeypatch.setattr(module, name, guard(name, getattr(module, name)))
+from tests.guards import no_blocking_on_loop  # noqa: E402,F401  (autouse: applies to this module)
 
 
 # --- key encoding ----------------------------------------------------------------------
