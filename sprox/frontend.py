@@ -18,7 +18,6 @@ import os
 import time
 
 from aiohttp import web
-from multidict import CIMultiDict
 
 from .s3 import errors, xml
 from .s3.body import RequestBody
