@@ -18,6 +18,7 @@ import os
 import time
 
 from aiohttp import web
+from multidict import CIMultiDict
 
 from .s3 import errors, xml
 from .s3.body import RequestBody
@@ -176,6 +177,8 @@ class FrontEnd:
         """Send a cache answer: headers, then pieces (bytes, or file spans by sendfile)."""
         from .cache.service import FileSpan
 
+        if answer.body is not None and http.method != "HEAD" and answer.length <= SMALL_SPAN:
+            return await self._send_small_answer(http, answer, request_id, state)
         response = web.StreamResponse(status=answer.status)
         response.headers.extend(answer.headers)
         response.headers["X-Cache"] = answer.outcome
@@ -205,6 +208,39 @@ class FrontEnd:
         finally:
             if body is not None:
                 await body.aclose()
+        return response
+
+    async def _send_small_answer(self, http: web.Request, answer, request_id: str, state: _Served) -> web.StreamResponse:
+        """A small answer is gathered first and sent with its headers in one write:
+        one syscall instead of two is most of what a small hit costs."""
+        from .cache.service import FileSpan
+
+        parts: list[bytes] = []
+        loop = asyncio.get_running_loop()
+        try:
+            async for piece in answer.body:
+                if isinstance(piece, FileSpan):
+                    data = read_if_cached(piece.fd, piece.length, piece.offset)
+                    if data is None:
+                        data = await loop.run_in_executor(None, os.pread, piece.fd, piece.length, piece.offset)
+                    if len(data) != piece.length:
+                        raise UpstreamBodyError("block file shorter than its index says")
+                    parts.append(data)
+                else:
+                    parts.append(piece)
+        except UpstreamBodyError as exc:
+            log.warning("cached response %s failed: %s", request_id, exc)
+            return error_response(errors.S3Error("InternalError", "A cached block could not be read.", 500),
+                                  request_id)
+        finally:
+            await answer.body.aclose()
+        body = b"".join(parts)
+        headers = CIMultiDict(answer.headers)
+        headers["X-Cache"] = answer.outcome
+        headers["x-amz-request-id"] = request_id
+        headers.setdefault("Content-Type", "binary/octet-stream")  # S3's default; never aiohttp's
+        response = web.Response(status=answer.status, body=body, headers=headers)
+        state.bytes_sent += len(body)
         return response
 
     async def _send_span(self, http: web.Request, response: web.StreamResponse, span) -> None:

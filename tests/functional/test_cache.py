@@ -393,3 +393,21 @@ def test_warm_read_larger_than_socket_buffers(start_sprox, tmp_path, upstream, s
         pos += len(chunk)
     conn.close()
     assert pos == size and upstream.count("GET") == 0
+
+
+def test_cached_answers_carry_each_header_once(start_sprox, tmp_path, upstream):
+    proc = start(start_sprox, tmp_path, upstream)
+    upstream.put("bkt", "typed.csv", b"a,b\n1,2\n" * 100, content_type="text/csv", metadata={"m": "1"})
+    for header in ("bytes=0-9", None):
+        for _ in ("cold", "warm"):
+            host, port = proc.endpoint.removeprefix("http://").rsplit(":", 1)
+            import http.client
+
+            conn = http.client.HTTPConnection(host, int(port), timeout=30)
+            conn.request("GET", "/bkt/typed.csv", headers={"Range": header} if header else {})
+            response = conn.getresponse()
+            response.read()
+            names = [name.lower() for name, _ in response.getheaders()]
+            conn.close()
+            assert response.getheader("Content-Type") == "text/csv"
+            assert len(names) == len(set(names)), names
