@@ -1,0 +1,298 @@
+"""OLAP engines reading Parquet over S3: TPC-H lineitem (>= 1 GB of Parquet at the
+full-mode scale factor, 6) served by bench/upstream.py with a 20 ms first-byte latency.
+
+For DuckDB (httpfs) and DataFusion, three queries (TPC-H Q1 and Q6, and a selective
+range of order keys that row-group statistics prune to a few row groups), each in
+four modes:
+
+- `local`: the engine reads the Parquet files from local disk (the floor);
+- `direct`: the engine talks to the upstream itself;
+- `sprox-cold`: through a fresh Sprox (new, empty cache directory) in front of the
+  upstream;
+- `sprox-warm`: through the same Sprox again, after a first run filled its cache.
+
+Every round opens a fresh engine session, so nothing the engine caches carries from
+one round to the next; DuckDB's own HTTP/Parquet caches are also switched off. Each
+round's wall time and the upstream's request counts (GET, HEAD, LIST, bytes) are
+recorded; results must equal the local run's. Without a cache in Sprox, `sprox-cold`
+and `sprox-warm` are both pass-through and are labelled so.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+
+from bench.datasets import TPCH_BUCKET, TpchData, duckdb_extension, tpch_data
+from bench.harness import (
+    TEST_ACCESS_KEY,
+    TEST_REGION,
+    TEST_SECRET_KEY,
+    BenchSprox,
+    UpstreamProcess,
+    sprox_args,
+    sprox_mode,
+    stats_delta,
+)
+
+# Generating the full-mode data set takes minutes the first time (then it is reused).
+pytestmark = pytest.mark.timeout(3600)
+
+ENGINES = ("duckdb", "datafusion")
+QUERY_NAMES = ("q1", "q6", "selective")
+MODES = ("local", "direct", "sprox-cold", "sprox-warm")
+
+
+def queries(data: TpchData) -> dict[str, str]:
+    """SQL over a table named `lineitem`, valid in both DuckDB and DataFusion."""
+    low = data.max_orderkey // 2
+    return {
+        # TPC-H Q1: a scan of nearly every row, seven columns.
+        "q1": """
+            SELECT l_returnflag, l_linestatus, sum(l_quantity) AS sum_qty,
+                   sum(l_extendedprice) AS sum_base_price,
+                   sum(l_extendedprice * (1 - l_discount)) AS sum_disc_price,
+                   sum(l_extendedprice * (1 - l_discount) * (1 + l_tax)) AS sum_charge,
+                   avg(l_quantity) AS avg_qty, avg(l_extendedprice) AS avg_price,
+                   avg(l_discount) AS avg_disc, count(*) AS count_order
+            FROM lineitem
+            WHERE l_shipdate <= DATE '1998-09-02'
+            GROUP BY l_returnflag, l_linestatus
+            ORDER BY l_returnflag, l_linestatus""",
+        # TPC-H Q6: four columns, a selective filter on all rows.
+        "q6": """
+            SELECT sum(l_extendedprice * l_discount) AS revenue
+            FROM lineitem
+            WHERE l_shipdate >= DATE '1994-01-01' AND l_shipdate < DATE '1995-01-01'
+              AND l_discount BETWEEN 0.05 AND 0.07 AND l_quantity < 24""",
+        # A point-ish lookup: files are sorted by l_orderkey, so row-group statistics
+        # leave one or two row groups to read.
+        "selective": f"""
+            SELECT count(*) AS n, sum(l_extendedprice) AS total, min(l_shipdate) AS first_ship
+            FROM lineitem
+            WHERE l_orderkey BETWEEN {low} AND {low + 20000}""",
+    }
+
+
+# -- engines --------------------------------------------------------------------------------
+
+
+class DuckDBEngine:
+    name = "duckdb"
+
+    def __init__(self) -> None:
+        self.httpfs = duckdb_extension("httpfs")
+
+    def open(self, endpoint: str | None):
+        import duckdb
+
+        con = duckdb.connect()
+        con.execute("SET enable_progress_bar = false")
+        if endpoint is not None:
+            con.execute(f"LOAD '{self.httpfs}'")
+            # Measure the network path, not DuckDB's own caches.
+            for setting in ("enable_external_file_cache", "enable_http_metadata_cache", "parquet_metadata_cache"):
+                try:
+                    con.execute(f"SET {setting} = false")
+                except duckdb.Error:
+                    pass  # not in this DuckDB version
+            host = endpoint.removeprefix("http://")
+            con.execute(f"CREATE SECRET bench (TYPE s3, KEY_ID '{TEST_ACCESS_KEY}', SECRET '{TEST_SECRET_KEY}', "
+                        f"REGION '{TEST_REGION}', ENDPOINT '{host}', URL_STYLE 'path', USE_SSL false)")
+        return con
+
+    def run(self, con, source: str, sql: str) -> list[tuple]:
+        con.execute(f"CREATE OR REPLACE TEMP VIEW lineitem AS SELECT * FROM read_parquet('{source}/*.parquet')")
+        return con.execute(sql).fetchall()
+
+    def close(self, con) -> None:
+        con.close()
+
+
+class DataFusionEngine:
+    name = "datafusion"
+
+    def open(self, endpoint: str | None):
+        from datafusion import SessionContext
+
+        ctx = SessionContext()
+        if endpoint is not None:
+            from datafusion.object_store import AmazonS3
+
+            store = AmazonS3(bucket_name=TPCH_BUCKET, region=TEST_REGION, access_key_id=TEST_ACCESS_KEY,
+                             secret_access_key=TEST_SECRET_KEY, endpoint=endpoint, allow_http=True)
+            ctx.register_object_store("s3://", store, TPCH_BUCKET)
+        return ctx
+
+    def run(self, ctx, source: str, sql: str) -> list[tuple]:
+        ctx.register_parquet("lineitem", source + "/")
+        table = ctx.sql(sql).to_arrow_table()
+        return [tuple(row.values()) for row in table.to_pylist()]
+
+    def close(self, ctx) -> None:
+        pass
+
+
+def same_rows(got: list[tuple], want: list[tuple]) -> bool:
+    if len(got) != len(want):
+        return False
+    for a_row, b_row in zip(got, want):
+        if len(a_row) != len(b_row):
+            return False
+        for a, b in zip(a_row, b_row):
+            if isinstance(a, (float, Decimal)) and isinstance(b, (float, Decimal)):
+                # Parallel aggregation sums floats in any order.
+                if not math.isclose(float(a), float(b), rel_tol=1e-9, abs_tol=1e-9):
+                    return False
+            elif a != b:
+                return False
+    return True
+
+
+# -- fixture ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Olap:
+    settings: object
+    data: TpchData
+    upstream: UpstreamProcess
+    start_sprox: Callable[..., BenchSprox]
+    stop_sprox: Callable[[BenchSprox], None]
+    work: Path
+    engines: dict
+    sql: dict[str, str]
+    expected: dict[tuple[str, str], list[tuple]]
+    warm_sprox: dict[tuple[str, str], BenchSprox]
+
+    def new_sprox(self) -> BenchSprox:
+        cache = self.work / f"cache-{time.monotonic_ns()}"
+        return self.start_sprox(*sprox_args(upstream=self.upstream.endpoint, cache_dir=cache,
+                                            cache_size=f"{max(2, int(3 * self.data.total_bytes / 2**30) + 1)}GiB"))
+
+    def source(self, mode: str) -> str:
+        if mode == "local":
+            return str(self.data.local_dir)
+        return f"s3://{TPCH_BUCKET}/lineitem"
+
+
+@pytest.fixture(scope="module")
+def olap(bench_settings, start_sprox, tmp_path_factory) -> Olap:
+    try:
+        import datafusion  # noqa: F401
+        import duckdb  # noqa: F401
+    except ImportError as exc:
+        from bench.harness import missing
+
+        missing(f"{exc.name} is not installed")
+    duckdb_extension("httpfs")
+    data = tpch_data(bench_settings)
+    work = tmp_path_factory.mktemp("olap")
+    upstream = UpstreamProcess(work / "upstream", data.root, bench_settings.upstream_latency_ms).start()
+    olap = Olap(bench_settings, data, upstream, start_sprox, start_sprox.stop, work,
+                {"duckdb": DuckDBEngine(), "datafusion": DataFusionEngine()}, queries(data), {}, {})
+    yield olap
+    upstream.stop()
+
+
+PARAMS = [(e, q, m) for e in ENGINES for q in QUERY_NAMES for m in MODES]
+
+
+@pytest.mark.parametrize(("engine", "query", "mode"), PARAMS, ids=[f"{e}-{q}-{m}" for e, q, m in PARAMS])
+def test_olap(benchmark, olap: Olap, results, engine: str, query: str, mode: str) -> None:
+    settings = olap.settings
+    eng = olap.engines[engine]
+    sql = olap.sql[query]
+    source = olap.source(mode)
+    key = (engine, query)
+
+    if key not in olap.expected:
+        session = eng.open(None)
+        try:
+            olap.expected[key] = eng.run(session, str(olap.data.local_dir), sql)
+        finally:
+            eng.close(session)
+
+    sprox: dict[str, BenchSprox | None] = {"proc": None}
+    if mode == "sprox-warm":
+        proc = olap.warm_sprox.get(key)
+        if proc is None:  # the cold test did not run (e.g. -k): fill a new Sprox once
+            proc = olap.new_sprox()
+            session = eng.open(proc.endpoint)
+            try:
+                eng.run(session, source, sql)
+            finally:
+                eng.close(session)
+            olap.warm_sprox[key] = proc
+        sprox["proc"] = proc
+
+    rounds: list[dict] = []
+    pending: dict = {}
+
+    def finish_round() -> None:
+        if not pending:
+            return
+        if pending.get("before") is not None:
+            pending.update(stats_delta(pending.pop("before"), olap.upstream.stats()))
+        rows = pending.pop("rows")
+        assert same_rows(rows, olap.expected[key]), f"{engine} {query} {mode}: {rows} != {olap.expected[key]}"
+        rounds.append(dict(pending))
+        pending.clear()
+
+    def setup():
+        finish_round()
+        if mode == "sprox-cold":
+            if sprox["proc"] is not None:
+                olap.stop_sprox(sprox["proc"])
+            sprox["proc"] = olap.new_sprox()
+        endpoint = None
+        if mode == "direct":
+            endpoint = olap.upstream.endpoint
+        elif mode.startswith("sprox"):
+            endpoint = sprox["proc"].endpoint
+        session = eng.open(endpoint)
+        pending["before"] = olap.upstream.stats() if endpoint else None
+        pending["session"] = session
+        return (session,), {}
+
+    def one_round(session) -> None:
+        started = time.perf_counter()
+        try:
+            pending["rows"] = eng.run(session, source, sql)
+        finally:
+            pending["seconds"] = time.perf_counter() - started
+            eng.close(pending.pop("session"))
+
+    label = mode if not mode.startswith("sprox") else f"{mode} ({sprox_mode()})"
+    benchmark.group = f"olap {engine} {query}"
+    benchmark.name = f"{engine} {query} {label}"
+    benchmark.pedantic(one_round, setup=setup, rounds=settings.olap_rounds if mode != "local" else
+                       max(settings.olap_rounds, 3), iterations=1)
+    finish_round()
+    if mode == "sprox-cold" and sprox["proc"] is not None:
+        previous = olap.warm_sprox.pop(key, None)
+        if previous is not None:
+            olap.stop_sprox(previous)
+        olap.warm_sprox[key] = sprox["proc"]  # the warm test reuses what this one filled
+    if mode == "sprox-warm" and sprox["proc"] is not None:
+        olap.stop_sprox(olap.warm_sprox.pop(key))
+
+    seconds = [r["seconds"] for r in rounds]
+    median_round = sorted(rounds, key=lambda r: r["seconds"])[len(rounds) // 2]
+    row = {
+        "engine": engine, "query": query, "mode": mode, "tpch_sf": olap.data.sf,
+        "parquet_bytes": olap.data.total_bytes, "rows": olap.data.rows,
+        "upstream_latency_ms": settings.upstream_latency_ms, "rounds": len(rounds),
+        "seconds": statistics.median(seconds), "seconds_min": min(seconds), "seconds_all": seconds,
+        **{f"upstream_{k}": median_round.get(k) for k in ("GET", "HEAD", "LIST", "OTHER", "get_body_bytes")},
+        "upstream_GET_all": [r.get("GET") for r in rounds],
+    }
+    results.add("olap", row)
+    benchmark.extra_info.update({k: v for k, v in row.items() if not isinstance(v, list)})
