@@ -3,13 +3,42 @@
 Build switches (environment variables):
   SPROX_NO_EXTENSIONS=1  build no extension (the pure-Python twins are used)
   SPROX_DEBUG=1          line tracing and C asserts, for profiling and debugging
+
+The io_uring module (`uring`) is built only where liburing is installed (found with
+pkg-config, else by its header); without it the rest still builds and Sprox uses the
+thread-pool twin.
 """
 
 import os
+import shlex
+import subprocess
+import sys
 
 from setuptools import setup
 
 NATIVE_MODULES = ["ranges"]
+LIBURING_HEADER = "/usr/include/liburing.h"
+
+
+def liburing():
+    """Extension arguments for linking liburing, or None when it is not installed."""
+    try:
+        found = subprocess.run(
+            ["pkg-config", "--cflags", "--libs", "liburing"],
+            capture_output=True, text=True, check=False,
+        )
+    except OSError:  # no pkg-config
+        found = None
+    if found is not None and found.returncode == 0:
+        flags = shlex.split(found.stdout)
+        return {
+            "include_dirs": [f[2:] for f in flags if f.startswith("-I")],
+            "library_dirs": [f[2:] for f in flags if f.startswith("-L")],
+            "libraries": [f[2:] for f in flags if f.startswith("-l")] or ["uring"],
+        }
+    if os.path.exists(LIBURING_HEADER):
+        return {"libraries": ["uring"]}
+    return None
 
 
 def extensions():
@@ -20,17 +49,29 @@ def extensions():
 
     debug = os.environ.get("SPROX_DEBUG") == "1"
     macros = [("CYTHON_TRACE_NOGIL", "1")] if debug else [("NDEBUG", "1")]
-    modules = [
-        Extension(
-            f"sprox._native.{name}",
-            [f"sprox/_native/{name}.pyx"],
-            define_macros=macros,
-            extra_compile_args=["-O2"] if not debug else ["-O0", "-g"],
+    # name -> extra Extension arguments (libraries to link)
+    modules = {name: {} for name in NATIVE_MODULES}
+    uring = liburing()
+    if uring is None:
+        print(
+            "setup.py: liburing not found (pkg-config liburing, or "
+            f"{LIBURING_HEADER}): skipping sprox._native.uring; the thread-pool twin "
+            "will serve --io-backend auto",
+            file=sys.stderr,
         )
-        for name in NATIVE_MODULES
-    ]
+    else:
+        modules["uring"] = uring
     return cythonize(
-        modules,
+        [
+            Extension(
+                f"sprox._native.{name}",
+                [f"sprox/_native/{name}.pyx"],
+                define_macros=macros,
+                extra_compile_args=["-O2"] if not debug else ["-O0", "-g"],
+                **link,
+            )
+            for name, link in modules.items()
+        ],
         # The one place Cython directives are declared.
         compiler_directives={
             "language_level": "3",
