@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 AUTH_MODES = ("none", "sigv4")
+IO_BACKENDS = ("auto", "uring", "threads")
 ADDRESSING = ("auto", "path", "virtual")
 
 
@@ -79,6 +80,8 @@ class Config:
     ttl: float = 60.0
     list_ttl: float = 0.0
     no_cache: bool = False
+    io_backend: str = "auto"
+    io_uring: bool = False
 
     def __post_init__(self) -> None:
         # Embedding code may pass plain strings for paths (Sprox(origin_dir="/data")).
@@ -117,6 +120,11 @@ class Config:
         if self.no_cache:
             return None
         return self.cache_dir or default_cache_dir()
+
+    @property
+    def cache_io(self) -> str:
+        """How cache fills are written and cold blocks read: auto, uring or threads."""
+        return "uring" if self.io_uring else self.io_backend
 
     @property
     def logs_path(self) -> Path:
@@ -238,6 +246,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("list_ttl", "seconds a listing may be served from memory; 0 turns listing caching off "
             "(default 0: S3 listings are strongly consistent)", _parse_float, metavar="SECONDS"),
     Setting("no_cache", "pure pass-through: cache nothing", _parse_bool, switch=True),
+    Setting("io_backend", "how cache fills are written and cold blocks read: auto (io_uring when the "
+            "kernel and the build allow it, else a thread pool), uring, or threads", choices=IO_BACKENDS),
+    Setting("io_uring", "same as --io-backend uring", _parse_bool, switch=True),
     Setting("log_level", "log verbosity", choices=LOG_LEVELS),
     Setting("config", "TOML configuration file", _parse_path, metavar="FILE"),
 )
@@ -379,6 +390,10 @@ def _validate(c: Config) -> None:
                           "between 64KiB and 64MiB")
     if c.cache_size < c.block_size and not c.no_cache:
         raise ConfigError("--cache-size", f"{c.cache_size} bytes is smaller than one block ({c.block_size})")
+    if c.io_backend not in IO_BACKENDS:
+        raise ConfigError("--io-backend", f"{c.io_backend!r} is not one of {', '.join(IO_BACKENDS)}")
+    if c.io_uring and c.io_backend not in ("auto", "uring"):
+        raise ConfigError("--io-uring", f"contradicts --io-backend {c.io_backend}")
     if not c.ttl >= 0:
         raise ConfigError("--ttl", f"{c.ttl!r} must be 0 or more seconds")
     if not c.list_ttl >= 0:

@@ -60,7 +60,8 @@ class Sprox:
             from .cache.service import ObjectCache
 
             self.cache = ObjectCache(self.origin, cache_dir, capacity=self.config.cache_size,
-                                     block_size=self.config.block_size, ttl=self.config.ttl)
+                                     block_size=self.config.block_size, ttl=self.config.ttl,
+                                     io_backend=self.config.cache_io)
         listings = None
         if self.config.list_ttl > 0:
             from .cache.listings import ListingCache
@@ -119,7 +120,10 @@ class Sprox:
         try:
             if self.cache is not None:
                 self._lock_cache_dir()
-                await self.cache.start()
+                try:
+                    await self.cache.start()
+                except RuntimeError as exc:  # an explicit --io-backend uring that cannot work
+                    raise ConfigError("--io-backend", str(exc).removeprefix("--io-backend uring: ")) from None
             await self.origin.start()
             await self.access_log.start()
         except BaseException:

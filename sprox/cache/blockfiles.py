@@ -56,7 +56,8 @@ class _OpenFile:
 
 class BlockFiles:
     """Owns the block files under `directory` and every descriptor open on them.
-    Blocking methods (`write_block`, `read_block`, ...) run on the I/O executor."""
+    Blocking helpers (`read_block`, `block_matches`) are for offline tools and executors;
+    the running cache reads and writes through its I/O backend (`io.py`)."""
 
     def __init__(self, directory: Path, executor: ThreadPoolExecutor) -> None:
         self.directory = directory
@@ -131,15 +132,6 @@ class BlockFiles:
         self.directory.mkdir(parents=True, exist_ok=True)
 
     # -- blocking I/O (executor) ------------------------------------------------------------
-
-    @staticmethod
-    def write_block(fd: int, offset: int, data: bytes | bytearray | memoryview) -> int:
-        """Write a whole block; returns its CRC32. Raises OSError (e.g. ENOSPC)."""
-        view = memoryview(data)
-        written = 0
-        while written < len(view):
-            written += os.pwrite(fd, view[written:], offset + written)
-        return zlib.crc32(view)
 
     @staticmethod
     def read_block(fd: int, offset: int, length: int) -> bytes:

@@ -21,6 +21,7 @@ import asyncio
 import functools
 import logging
 import time
+import zlib
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -34,6 +35,7 @@ from ..s3.request import S3Request
 from ..upstream.base import Origin, OriginResponse, UpstreamBodyError
 from .blockfiles import BlockFiles, punch_hole
 from .fill import FAILED, PERSISTED, BlockFill, FillRun, NotCached, ObjectChanged
+from .io import IOBackend, make_backend
 from .index import CacheIndex
 from .policy import S3FIFO
 from .records import ObjectRecord
@@ -88,8 +90,10 @@ class CacheStats:
 
 class ObjectCache:
     def __init__(self, origin: Origin, directory: Path, *, capacity: int, block_size: int, ttl: float,
-                 io_threads: int = 16) -> None:
+                 io_backend: str = "auto", io_threads: int = 16) -> None:
         self.origin = origin
+        self.io_choice = io_backend
+        self.io: IOBackend | None = None  # made in start(): probing io_uring may block
         self.directory = directory
         self.block_size = block_size
         self.ttl = ttl
@@ -111,6 +115,9 @@ class ObjectCache:
     # -- lifecycle ----------------------------------------------------------------------------
 
     async def start(self) -> None:
+        """Open the index and the I/O backend. Raises RuntimeError when an explicit
+        `--io-backend uring` cannot work here."""
+        self.io = await asyncio.get_running_loop().run_in_executor(self.executor, make_backend, self.io_choice)
         await asyncio.get_running_loop().run_in_executor(self.executor, self._open)
         for key in self.policy.evict(self._pinned):  # --cache-size shrank since the last run
             self._drop_block(key)
@@ -139,6 +146,8 @@ class ObjectCache:
             await asyncio.gather(*self._runs, return_exceptions=True)
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self.executor, self.index.close)
+        if self.io is not None:
+            await self.io.close()
         self.files.close_all()
         self.executor.shutdown(wait=True)
 
@@ -515,9 +524,14 @@ class ObjectCache:
         victims = self.policy.evict(self._pinned, need=size)
         for victim in victims:
             self._drop_block(victim)
+        assert self.io is not None
+        loop = asyncio.get_running_loop()
         fd = self.files.acquire(record)
         try:
-            crc = await self.files.run(self.files.write_block, fd, block.start, data)
+            # The CRC is computed on a worker thread while the I/O backend writes.
+            crc_done = loop.run_in_executor(self.executor, zlib.crc32, data)
+            await self.io.pwrite(fd, block.start, data)
+            crc = await crc_done
         except OSError as exc:
             log.warning("cannot store a block of %s/%s (%s): serving it uncached", record.bucket, record.key,
                         exc.strerror)
@@ -535,9 +549,12 @@ class ObjectCache:
         for i in range(first, last + 1):
             if record.has(i) and record.is_unverified(i):
                 start, end = record.block_range(i)
+                assert self.io is not None
                 fd = self.files.acquire(record)
                 try:
-                    ok = await self.files.run(BlockFiles.block_matches, fd, start, end - start, record.crcs[i])
+                    data = await self.io.pread(fd, start, end - start)
+                    ok = len(data) == end - start and await asyncio.get_running_loop().run_in_executor(
+                        self.executor, zlib.crc32, data) == record.crcs[i]
                 except OSError:
                     ok = False
                 finally:

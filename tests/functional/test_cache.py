@@ -28,9 +28,20 @@ def upstream():
         yield server
 
 
+# The whole suite runs on both I/O backends for cache fills and block reads.
+IO_BACKEND = "threads"
+
+
+@pytest.fixture(autouse=True, params=["uring", "threads"])
+def io_backend(request):
+    global IO_BACKEND
+    IO_BACKEND = request.param
+    return request.param
+
+
 def start(start_sprox, tmp_path, upstream, *args, env=None):
     return start_sprox(tmp_path, "--upstream", upstream.endpoint, "--cache-dir", str(tmp_path / "cache"),
-                       "--block-size", "64KiB", *args, env=env)
+                       "--block-size", "64KiB", "--io-backend", IO_BACKEND, *args, env=env)
 
 
 def get(proc, key, range_header=None, **headers):
@@ -346,7 +357,7 @@ def tiny_disk(tmp_path):
 
 def test_a_full_disk_degrades_to_pass_through_and_requests_succeed(tiny_disk, start_sprox, tmp_path, upstream):
     proc = start_sprox(tmp_path, "--upstream", upstream.endpoint, "--cache-dir", str(tiny_disk),
-                       "--block-size", "64KiB", "--cache-size", "1GiB")
+                       "--block-size", "64KiB", "--cache-size", "1GiB", "--io-backend", IO_BACKEND)
     size = 2 * 1024 * 1024
     for i in range(3):
         key = f"big{i}"

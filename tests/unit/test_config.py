@@ -50,6 +50,13 @@ BAD = [
     ({"access_key": "a"}, {}, "--secret-key"),
     ({"upstream_timeout": "0"}, {}, "--upstream-timeout"),
     ({"upstream_addressing": "sideways"}, {}, "--upstream-addressing"),
+    ({"io_backend": "carrier-pigeon"}, {}, "--io-backend"),
+    ({"io_backend": "threads", "io_uring": "true"}, {}, "--io-uring"),
+    ({"block_size": "3000"}, {}, "--block-size"),
+    ({"cache_size": "1KiB"}, {}, "--cache-size"),
+    ({"cache_size": "lots"}, {}, "--cache-size"),
+    ({"ttl": "-1"}, {}, "--ttl"),
+    ({}, {"SPROX_NO_CACHE": "maybe"}, "SPROX_NO_CACHE"),
     ({}, {"SPROX_UPSTREAM_TIMEOUT": "soon"}, "SPROX_UPSTREAM_TIMEOUT"),
     ({"config": "/nonexistent/sprox.toml"}, {}, "--config"),
 ]
@@ -98,3 +105,18 @@ def test_cli_version_says_whether_native_code_loaded():
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and result.stdout.startswith("sprox ")
     assert "native" in result.stdout or "pure-Python" in result.stdout
+
+
+def test_sizes_and_switches():
+    c = load({"cache_size": "50GiB", "block_size": "1MiB", "io_uring": "true"}, environ={"SPROX_NO_CACHE": "0"})
+    assert (c.cache_size, c.block_size, c.cache_io, c.no_cache) == (50 * 2**30, 2**20, "uring", False)
+    assert load({"cache_size": "1.5TB"}, environ={}).cache_size == 1_500_000_000_000
+    assert load({"no_cache": "true"}, environ={}).cache_path is None
+
+
+def test_cli_refuses_an_impossible_explicit_uring(tmp_path):
+    env = {**__import__("os").environ, "SPROX_NO_URING": "1"}
+    result = subprocess.run([sys.executable, "-m", "sprox", "serve", "--port", "0", "--io-backend", "uring",
+                             "--origin-dir", str(tmp_path / "o"), "--cache-dir", str(tmp_path / "c")],
+                            capture_output=True, text=True, timeout=60, env=env)
+    assert result.returncode == 2 and "--io-backend" in result.stderr
