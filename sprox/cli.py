@@ -96,6 +96,13 @@ def cache_command(args: argparse.Namespace) -> int:
               f"bytes:     {s['bytes']} ({s['bytes'] / 2**30:.2f} GiB)\n"
               f"hit ratio: {ratio} of {s['requests']} object reads ({byte_ratio} of bytes), "
               f"from closed access-log files")
+        live = s.get("live")
+        if live:
+            reads = live["hits"] + live["misses"] + live["partial"]
+            live_ratio = f"{live['hits'] / reads:.1%}" if reads else "n/a"
+            print(f"running:   {live_ratio} hits of {reads} object reads since start "
+                  f"({live['hits']} hit, {live['partial']} partial, {live['misses']} miss, "
+                  f"{live['bypass']} bypass; {live['evicted_blocks']} blocks evicted)")
         return 0
     if args.cache_command == "purge":
         try:
@@ -103,7 +110,8 @@ def cache_command(args: argparse.Namespace) -> int:
         except ValueError as exc:
             print(f"sprox: error: {exc}", file=sys.stderr)
             return 2
-        print(f"purged {admin.purge(cache_dir, bucket, prefix)} objects")
+        purged = admin.purge(cache_dir, bucket, prefix)
+        print(f"purged {purged} object{'' if purged == 1 else 's'}")
         return 0
     try:
         result = admin.verify(cache_dir)

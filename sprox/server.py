@@ -87,6 +87,7 @@ class Sprox:
         app = web.Application(handler_args={"max_field_size": 16384, "max_line_size": 16384})
         app.router.add_get(ADMIN_PREFIX + "health", self._health)
         app.router.add_post(ADMIN_PREFIX + "cache/purge", self._purge)
+        app.router.add_get(ADMIN_PREFIX + "cache/stats", self._cache_stats)
         app.router.add_route("*", "/{tail:.*}", self.frontend.handle)
         return app
 
@@ -105,6 +106,15 @@ class Sprox:
             os.close(fd)
             raise ConfigError("--cache-dir", f"{str(cache_dir)!r} is in use by another Sprox process") from None
         self._lock_fd = fd
+
+    async def _cache_stats(self, request: web.Request) -> web.Response:
+        """Live counters since this process started (used by `sprox cache stats`)."""
+        if self.cache is None:
+            return web.json_response({"cache": "off"})
+        stats = self.cache.stats
+        return web.json_response({"hits": stats.hits, "misses": stats.misses, "partial": stats.partial,
+                                  "bypass": stats.bypass, "fills": stats.fills,
+                                  "evicted_blocks": stats.evicted_blocks, "used_bytes": self.cache.used_bytes})
 
     async def _purge(self, request: web.Request) -> web.Response:
         """Purge cached objects of a running Sprox (used by `sprox cache purge`)."""

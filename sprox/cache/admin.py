@@ -51,7 +51,23 @@ def stats(cache_dir: Path) -> dict:
         finally:
             db.close()
     out.update(_hit_ratio(cache_dir / "logs"))
+    out["live"] = _live_stats(cache_dir)
     return out
+
+
+def _live_stats(cache_dir: Path) -> dict | None:
+    """Counters of the Sprox running on this directory, if one is."""
+    try:
+        with exclusive(cache_dir):
+            return None  # nobody holds the lock: no Sprox runs here
+    except CacheBusy:
+        pass
+    try:
+        endpoint = (cache_dir / "endpoint").read_text().strip()
+        with urllib.request.urlopen(f"{endpoint}/_sprox/cache/stats", timeout=5) as response:
+            return json.load(response)
+    except (OSError, ValueError):
+        return None
 
 
 def _hit_ratio(logs: Path) -> dict:

@@ -293,8 +293,10 @@ def test_cache_stats_purge_and_verify_commands(start_sprox, tmp_path, upstream):
         get(proc, key)
         get(proc, key)
     # Purge while running goes through the running process.
+    running = sprox_cli("cache", "stats", "--cache-dir", cache)
+    assert "running:   50.0% hits of 6 object reads since start" in running.stdout, running.stdout
     result = sprox_cli("cache", "purge", "s3://bkt/b/", "--cache-dir", cache)
-    assert result.returncode == 0 and "purged 1 objects" in result.stdout, result.stderr
+    assert result.returncode == 0 and "purged 1 object\n" in result.stdout, result.stderr
     assert get(proc, "b/1")[1]["x-cache"] == "MISS"
     busy = sprox_cli("cache", "verify", "--cache-dir", cache)
     assert busy.returncode == 1 and "stop it first" in busy.stderr
