@@ -247,13 +247,12 @@ class FrontEnd:
         transport = http.transport
         if transport is None:
             raise ConnectionResetError("client went away")
-        if span.length <= SMALL_SPAN or not self.use_sendfile:
+        # sendfile(2) writes to the socket directly, so it may only start when nothing
+        # is queued in the transport (the headers, or a previous pipelined answer),
+        # or it would overtake those bytes. Otherwise the bytes go through the transport.
+        if span.length <= SMALL_SPAN or not self.use_sendfile or transport.get_write_buffer_size():
             await self._copy_span(response, span)
             return
-        # Own the syscall: asyncio's loop.sendfile pauses and resumes reading and
-        # re-registers the socket on every call, which halves the request rate.
-        if transport.get_write_buffer_size():
-            await response.drain()  # headers first, in order
         sock = transport.get_extra_info("socket")
         await sendfile_to_socket(sock.fileno(), span.fd, span.offset, span.length, transport)
 
@@ -300,7 +299,9 @@ async def sendfile_to_socket(sock_fd: int, file_fd: int, offset: int, count: int
     socket. (Pages not in the page cache are read by the kernel during the call.)"""
     loop = asyncio.get_running_loop()
     # The socket belongs to the aiohttp transport, and the public add_writer refuses
-    # a transport's descriptor; the selector loop's own registration does not. (The
+    # a transport's descriptor; the selector loop's own registration does not. This is
+    # safe only because the caller starts with the transport's buffer empty, so the
+    # transport has no writer of its own registered that ours would displace. (The
     # Cython fast lane will own its sockets outright.)
     add_writer = getattr(loop, "_add_writer", None)
     remove_writer = getattr(loop, "_remove_writer", None)

@@ -109,7 +109,8 @@ class FillRun:
                     dropped = min(skip, len(view))
                     view, skip = view[dropped:], skip - dropped
                 while view and current < len(self.blocks):
-                    assert block.data is not None
+                    if block.data is None:  # failed meanwhile: the record was dropped
+                        raise NotCached("record dropped while filling")
                     want = block.end - block.start - len(block.data)
                     block.data += view[:want]
                     view = view[want:]

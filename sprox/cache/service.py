@@ -187,9 +187,11 @@ class ObjectCache:
         head = request.method == "HEAD"
         range_header = request.headers.get("Range")
         learned = False
-        if record is None and (bucket, key) in self._learning:
+        while record is None and (bucket, key) in self._learning:
             # Another request is fetching this object's first bytes: wait for its
-            # record, then join its fill instead of sending a GET of our own.
+            # record, then join its fill instead of sending a GET of our own. If it
+            # ends without a record, the first waiter to resume becomes the learner
+            # (it registers before its first await) and the others wait for it.
             await asyncio.wait([self._learning[(bucket, key)]])
             record = self.index.get(bucket, key)
         if record is None:
