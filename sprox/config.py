@@ -12,7 +12,7 @@ import os
 import socket
 import tomllib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -402,18 +402,5 @@ def _validate(c: Config) -> None:
         raise ConfigError("--cache-dir", f"{str(c.cache_dir)!r} exists and is not a directory")
 
 
-def describe(c: Config) -> dict[str, Any]:
-    """The effective settings, secrets masked (for logs and `--help` output)."""
-    out = {}
-    for f in fields(c):
-        value = getattr(c, f.name)
-        if f.name == "secret_key" and value:
-            value = "***"
-        elif f.name == "keys":
-            value = [k.access_key for k in value]
-        out[f.name] = value
-    return out
-
-
-__all__ = ["AccessKey", "Config", "ConfigError", "SETTINGS", "load", "is_loopback", "describe",
+__all__ = ["AccessKey", "Config", "ConfigError", "SETTINGS", "load", "is_loopback",
            "default_data_dir", "default_cache_dir", "parse_size"]

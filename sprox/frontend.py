@@ -20,6 +20,7 @@ import time
 from aiohttp import web
 from multidict import CIMultiDict
 
+from .cache.service import OBJECT_WRITES, FileSpan
 from .s3 import errors, xml
 from .s3.body import RequestBody
 from .s3.request import S3Request, new_request_id, parse_request
@@ -158,8 +159,6 @@ class FrontEnd:
             self.listings.drop_bucket(request.bucket)
         if self.cache is None:
             return
-        from .cache.service import OBJECT_WRITES
-
         if request.operation in OBJECT_WRITES and request.key is not None:
             self.cache.invalidate(request.bucket, request.key)
         elif request.operation == "DeleteObjects":
@@ -175,8 +174,6 @@ class FrontEnd:
 
     async def send_answer(self, http: web.Request, answer, request_id: str, state: _Served) -> web.StreamResponse:
         """Send a cache answer: headers, then pieces (bytes, or file spans by sendfile)."""
-        from .cache.service import FileSpan
-
         if answer.body is not None and http.method != "HEAD" and answer.length <= SMALL_SPAN:
             return await self._send_small_answer(http, answer, request_id, state)
         response = web.StreamResponse(status=answer.status)
@@ -213,8 +210,6 @@ class FrontEnd:
     async def _send_small_answer(self, http: web.Request, answer, request_id: str, state: _Served) -> web.StreamResponse:
         """A small answer is gathered first and sent with its headers in one write:
         one syscall instead of two is most of what a small hit costs."""
-        from .cache.service import FileSpan
-
         parts: list[bytes] = []
         loop = asyncio.get_running_loop()
         try:

@@ -7,13 +7,11 @@ handed a closed (or, worse, reused) descriptor."""
 
 from __future__ import annotations
 
-import asyncio
 import ctypes
 import ctypes.util
 import errno
 import logging
 import os
-import shutil
 import zlib
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
@@ -125,12 +123,6 @@ class BlockFiles:
         for record_id in list(self._open):
             self._close(record_id)
 
-    def wipe(self) -> None:
-        """Delete every block file (used when the index is unusable)."""
-        self.close_all()
-        shutil.rmtree(self.directory, ignore_errors=True)
-        self.directory.mkdir(parents=True, exist_ok=True)
-
     # -- blocking I/O (executor) ------------------------------------------------------------
 
     @staticmethod
@@ -149,6 +141,3 @@ class BlockFiles:
     def block_matches(cls, fd: int, offset: int, length: int, crc: int) -> bool:
         data = cls.read_block(fd, offset, length)
         return len(data) == length and zlib.crc32(data) == crc
-
-    async def run(self, function, *args):
-        return await asyncio.get_running_loop().run_in_executor(self.executor, function, *args)

@@ -24,7 +24,7 @@ import time
 import zlib
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from multidict import CIMultiDict, CIMultiDictProxy, MultiDict, MultiDictProxy
@@ -85,7 +85,6 @@ class CacheStats:
     fills: int = 0
     evicted_blocks: int = 0
     not_cached: int = 0
-    extra: dict = field(default_factory=dict)
 
 
 class ObjectCache:

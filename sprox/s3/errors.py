@@ -130,11 +130,6 @@ def malformed_xml() -> S3Error:
     )
 
 
-def method_not_allowed(method: str, resource: str) -> S3Error:
-    return S3Error("MethodNotAllowed", "The specified method is not allowed against this resource.",
-                   405, extra={"Method": method, "ResourceType": resource})
-
-
 def not_implemented(what: str) -> S3Error:
     return S3Error("NotImplemented", f"A header or query you provided implies functionality "
                    f"that is not implemented: {what}", 501)
