@@ -17,7 +17,6 @@ import platform
 import re
 import shlex
 import shutil
-import signal
 import struct
 import subprocess
 import sys
@@ -42,6 +41,7 @@ from tests.servers import (
     SproxProcess,
     free_port,
     subprocess_env,
+    terminate,
 )
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -311,11 +311,6 @@ class BenchSprox(SproxProcess):
         self.cpu = cpu
         self.argv = [*_taskset(cpu), *self.argv]
 
-    @property
-    def pid(self) -> int:
-        assert self._proc is not None
-        return self._proc.pid
-
     def start(self) -> BenchSprox:
         super().start()
         pin_process(self.pid, self.cpu)  # no-op after taskset; the fallback without it
@@ -447,17 +442,7 @@ class NginxServer:
         proc, self._proc = self._proc, None
         if proc is None:
             return
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)  # nginx's fast shutdown
-            try:
-                proc.wait(5)
-            except subprocess.TimeoutExpired:
-                pass
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        proc.wait()
+        terminate(proc, 5)  # SIGTERM is nginx's fast shutdown
 
     def __enter__(self) -> Self:
         return self.start()
@@ -523,17 +508,7 @@ class UpstreamProcess:
         proc, self._proc = self._proc, None
         if proc is None:
             return
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(5)
-            except subprocess.TimeoutExpired:
-                pass
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        proc.wait()
+        terminate(proc, 5)
         if self._reader is not None:
             self._reader.join(5)  # ends at EOF, now that the process is gone
         if proc.stdout is not None:

@@ -137,21 +137,23 @@ class _Child:
 
     def stop(self, grace: float) -> int | None:
         """SIGTERM, wait up to `grace` seconds, then SIGKILL the process group."""
-        proc = self.proc
-        if proc is None:
-            return None
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(grace)
-            except subprocess.TimeoutExpired:
-                pass
-        # Kill the group even when the leader is gone: it may have left children.
+        return terminate(self.proc, grace) if self.proc is not None else None
+
+
+def terminate(proc: subprocess.Popen, grace: float) -> int:
+    """SIGTERM, wait up to `grace` seconds, then SIGKILL the whole process group (even
+    when the leader is gone: it may have left children). Returns the exit status."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
         try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        return proc.wait()
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            print(f"pid {proc.pid} did not stop {grace:g}s after SIGTERM; killing it", file=sys.stderr)
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    return proc.wait()
 
 
 def _bind_failed(log: str) -> bool:
@@ -385,6 +387,11 @@ class SproxProcess:
         return self.log_dir / "sprox.stderr.log"
 
     @property
+    def pid(self) -> int:
+        assert self._proc is not None, "not started"
+        return self._proc.pid
+
+    @property
     def port(self) -> int:
         assert self.endpoint is not None
         return int(self.endpoint.rsplit(":", 1)[1].rstrip("/"))
@@ -436,20 +443,9 @@ class SproxProcess:
 
     def stop(self, grace: float = 10.0) -> int | None:
         """SIGTERM, wait `grace` seconds, then SIGKILL. Returns the exit status."""
-        proc = self._proc
-        if proc is None:
+        if self._proc is None:
             return None
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(grace)
-            except subprocess.TimeoutExpired:
-                print(f"sprox did not stop {grace:.0f}s after SIGTERM; killing it", file=sys.stderr)
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        self.returncode = proc.wait()
+        self.returncode = terminate(self._proc, grace)
         if self._reader is not None:
             self._reader.join(5)
         return self.returncode

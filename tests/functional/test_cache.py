@@ -256,7 +256,7 @@ def test_sigkill_during_fills_loses_nothing_and_serves_only_right_bytes(start_sp
                             return None
                     tasks = [asyncio.ensure_future(one(k)) for k in keys]
                     await asyncio.sleep(0.08 + 0.02 * cycle)  # fills are in flight now
-                    os.killpg(proc._proc.pid, signal.SIGKILL)
+                    os.killpg(proc.pid, signal.SIGKILL)
                     await asyncio.gather(*tasks, return_exceptions=True)
 
             asyncio.run(read_all(proc.endpoint))

@@ -735,7 +735,7 @@ def test_two_hundred_connections_of_mixed_reads_stay_correct_and_bounded(start_s
         cache_dir = tmp_path / "cache"
         proc = start_sprox(tmp_path, "--upstream", upstream.endpoint, "--cache-dir", str(cache_dir),
                            "--block-size", "64KiB", "--ttl", str(int(TTL)))
-        pid = proc._proc.pid
+        pid = proc.pid
         blocks_dir = (cache_dir / "blocks").resolve()
         load = Load(catalogue, proc.endpoint)
 

@@ -61,4 +61,4 @@ def test_large_put_and_get_stream_through_bounded_memory(origin, request):
         total += len(chunk)
     conn.close()
     assert total == SIZE and got.hexdigest() == expected.hexdigest()
-    assert peak_rss(sprox.sprox._proc.pid) < PEAK_BOUND
+    assert peak_rss(sprox.sprox.pid) < PEAK_BOUND
