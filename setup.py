@@ -16,7 +16,7 @@ import sys
 
 from setuptools import setup
 
-NATIVE_MODULES = ["ranges"]
+NATIVE_MODULES = ["ranges", "lane"]
 LIBURING_HEADER = "/usr/include/liburing.h"
 
 

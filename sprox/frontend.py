@@ -18,9 +18,10 @@ import os
 import time
 
 from aiohttp import web
-from multidict import CIMultiDict
+from multidict import CIMultiDict, CIMultiDictProxy
 
-from .cache.service import OBJECT_WRITES, FileSpan
+from .analytics.accesslog import AccessRecord
+from .cache.service import OBJECT_WRITES, FileSpan, HitPlan
 from .s3 import errors, xml
 from .s3.body import RequestBody
 from .s3.request import S3Request, new_request_id, parse_request
@@ -99,21 +100,62 @@ class FrontEnd:
 
     def _log_access(self, http: web.Request, request_id: str, state: _Served, status: int, started_at: float,
                     seconds: float) -> None:
-        from .analytics.accesslog import AccessRecord
+        self._record_access(http.headers, request_id, state.request, state.bytes_sent, status, started_at, seconds)
 
-        request = state.request
+    def _record_access(self, headers, request_id: str, request: S3Request | None, bytes_sent: int, status: int,
+                       started_at: float, seconds: float) -> None:
         self.access_log.record(AccessRecord(
             time=started_at, request_id=request_id,
             operation=request.operation if request is not None else "Invalid",
             bucket=request.bucket if request is not None else None,
             key=request.key if request is not None else None,
-            range=http.headers.get("Range"), status=status, bytes_sent=state.bytes_sent,
+            range=headers.get("Range"), status=status, bytes_sent=bytes_sent,
             cache=request.stats.cache if request is not None else None,
             upstream_requests=request.stats.upstream_requests if request is not None else 0,
             upstream_bytes=request.stats.upstream_bytes if request is not None else 0,
-            latency_ms=seconds * 1000.0, user_agent=http.headers.get("User-Agent"),
+            latency_ms=seconds * 1000.0, user_agent=headers.get("User-Agent"),
             access_key=request.access_key if request is not None else None,
         ))
+
+    # -- the fast lane: hits answered without aiohttp ----------------------------------------
+
+    def try_hit(self, method: str, target: str, headers: CIMultiDictProxy) -> FastHit | None:
+        """A GetObject/HeadObject that the cache can answer at once, signature verified,
+        with the small bodies already read; None sends the request down the general path
+        (which decides everything again, errors included), and has changed nothing."""
+        cache = self.cache
+        if cache is None or method not in ("GET", "HEAD"):
+            return None
+        started_at, started = time.time(), time.monotonic()
+        request_id = new_request_id()
+        try:
+            request = parse_request(method, target, headers, domain=self.domain, request_id=request_id)
+            if request.operation not in OBJECT_READS or cache.bypass_reason(request) is not None:
+                return None
+            if self.verifier is not None:
+                request.access_key = self.verifier.verify(request)
+        except errors.S3Error:
+            return None
+        plan = cache.plan_hit(request)
+        if plan is None:
+            return None
+        body = None
+        if plan.fd >= 0 and plan.length <= SMALL_SPAN:
+            body = read_if_cached(plan.fd, plan.length, plan.offset)
+            if body is None or len(body) != plan.length:
+                cache.release_hit(plan, committed=False)  # the disk is needed: not for the fast lane
+                return None
+        cache.commit_hit(plan, request)
+        plan.headers["X-Cache"] = "HIT"
+        plan.headers["x-amz-request-id"] = request_id
+        return FastHit(self, request, plan, headers, body, started_at, started)
+
+    def hit_sent(self, hit: FastHit, bytes_sent: int) -> None:
+        """A fast-lane answer is finished (or its connection was lost)."""
+        self.cache.release_hit(hit.plan, committed=True)
+        if self.access_log is not None:
+            self._record_access(hit.request_headers, hit.request.request_id, hit.request, bytes_sent,
+                                hit.plan.status, hit.started_at, time.monotonic() - hit.started)
 
     def parse(self, http: web.Request, request_id: str) -> S3Request:
         request = parse_request(http.method, http.raw_path, http.headers, domain=self.domain,
@@ -335,6 +377,26 @@ async def _sendfile_via_asyncio(transport, file_fd: int, offset: int, count: int
     sent = await asyncio.get_running_loop().sendfile(transport, FdFile(), offset, count, fallback=False)
     if sent != count:
         raise UpstreamBodyError("block file shorter than its index says")
+
+
+class FastHit:
+    """A cache hit the fast lane sends: status and headers, then `body` (small answers,
+    already read) or `plan.length` bytes of `plan.fd` from `plan.offset` by sendfile."""
+
+    __slots__ = ("frontend", "request", "plan", "request_headers", "body", "started_at", "started")
+
+    def __init__(self, frontend: FrontEnd, request: S3Request, plan: HitPlan, request_headers,
+                 body: bytes | None, started_at: float, started: float) -> None:
+        self.frontend = frontend
+        self.request = request
+        self.plan = plan
+        self.request_headers = request_headers
+        self.body = body
+        self.started_at = started_at
+        self.started = started
+
+    def finished(self, bytes_sent: int) -> None:
+        self.frontend.hit_sent(self, bytes_sent)
 
 
 class _Served:

@@ -20,11 +20,15 @@ from aiohttp import web
 
 from .config import Config, ConfigError
 from .frontend import FrontEnd
+from .lane import LaneServer
 from .upstream.base import Origin
 
 log = logging.getLogger("sprox")
 
 ADMIN_PREFIX = "/_sprox/"
+# aiohttp's per-connection settings (no access log of its own: FrontEnd keeps one).
+HANDLER_ARGS = {"max_field_size": 16384, "max_line_size": 16384, "access_log": None}
+SHUTDOWN_SECONDS = 10.0
 
 
 def make_origin(config: Config) -> Origin:
@@ -73,6 +77,8 @@ class Sprox:
         self.frontend = FrontEnd(self.origin, verifier=verifier, domain=self.config.domain, cache=self.cache,
                                  listings=listings, access_log=self.access_log)
         self._runner: web.AppRunner | None = None
+        self._lanes: LaneServer | None = None
+        self._listener: asyncio.Server | None = None
         self._lock_fd: int | None = None
         self.port: int | None = None
 
@@ -84,7 +90,7 @@ class Sprox:
         return self.config.with_port(self.port).endpoint
 
     def build_app(self) -> web.Application:
-        app = web.Application(handler_args={"max_field_size": 16384, "max_line_size": 16384})
+        app = web.Application(handler_args=HANDLER_ARGS)
         app.router.add_get(ADMIN_PREFIX + "health", self._health)
         app.router.add_post(ADMIN_PREFIX + "cache/purge", self._purge)
         app.router.add_get(ADMIN_PREFIX + "cache/stats", self._cache_stats)
@@ -141,14 +147,18 @@ class Sprox:
             raise
         try:
             self._runner = web.AppRunner(self.build_app(), access_log=None, handle_signals=False,
-                                         shutdown_timeout=10.0)
+                                         shutdown_timeout=SHUTDOWN_SECONDS)
             await self._runner.setup()
-            site = web.TCPSite(self._runner, self.config.host, self.config.port, reuse_address=True)
-            await site.start()
+            # Connections are ours (the lane answers cache hits itself); aiohttp's
+            # server handles the other requests on them.
+            self._lanes = LaneServer(self._runner.server, self.frontend, handler_kwargs=HANDLER_ARGS,
+                                     use_sendfile=self.frontend.use_sendfile)
+            self._listener = await asyncio.get_running_loop().create_server(
+                self._lanes, self.config.host, self.config.port, reuse_address=True)
         except BaseException:
             await self.stop()
             raise
-        sockets = site._server.sockets if site._server else ()  # aiohttp has no public accessor
+        sockets = self._listener.sockets
         self.port = sockets[0].getsockname()[1] if sockets else self.config.port
         if self.config.cache_path is not None:
             # Lets `sprox cache purge` reach this process while it holds the cache lock.
@@ -157,6 +167,12 @@ class Sprox:
     async def stop(self) -> None:
         """Stop accepting, let in-flight responses finish, flush the cache index,
         release the origin."""
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+        if self._lanes is not None:
+            await self._lanes.shutdown(SHUTDOWN_SECONDS)
+            self._lanes = None
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None

@@ -76,6 +76,20 @@ class CachedAnswer:
     passthrough: OriginResponse | None = None  # an origin answer sent as it is
 
 
+@dataclass(slots=True)
+class HitPlan:
+    """A hit answered at once: `length` bytes of the record's file from `offset`
+    (`fd` is -1 when there is no body to send: HEAD, or an empty object)."""
+
+    status: int
+    headers: CIMultiDict
+    length: int
+    record: ObjectRecord
+    fd: int
+    offset: int
+    blocks: tuple[tuple[int, int], ...]  # (record id, block index) of every block sent
+
+
 @dataclass
 class CacheStats:
     hits: int = 0
@@ -351,8 +365,11 @@ class ObjectCache:
 
     # -- the known-record path -----------------------------------------------------------------
 
-    async def _serve_known(self, request: S3Request, record: ObjectRecord, range_header: str | None, *,
-                           fills: dict[int, BlockFill], outcome_miss: bool) -> CachedAnswer:
+    @staticmethod
+    def _answer_head(request: S3Request, record: ObjectRecord, range_header: str | None
+                     ) -> tuple[int, int, int, CIMultiDict]:
+        """(status, first byte, last byte, headers) of an answer from `record`; raises
+        S3Error for a failed condition (304, 412) or an unsatisfiable range (416)."""
         last_modified = _modified_seconds(record.last_modified)
         conditions.check_conditions(request.headers, record.etag, last_modified)
         try:
@@ -365,11 +382,63 @@ class ObjectCache:
             headers["Last-Modified"] = record.last_modified
         headers["Accept-Ranges"] = "bytes"
         conditions.apply_response_overrides(request.query, headers)
+        if "Content-Type" not in headers:
+            headers["Content-Type"] = "binary/octet-stream"  # S3's default
         if span is None:
-            status, first, last = 200, 0, record.size - 1
-        else:
-            status, (first, last) = 206, span
-            headers["Content-Range"] = content_range(first, last, record.size)
+            return 200, 0, record.size - 1, headers
+        first, last = span
+        headers["Content-Range"] = content_range(first, last, record.size)
+        return 206, first, last, headers
+
+    # -- hits without waiting (the fast lane) ----------------------------------------------------
+
+    def plan_hit(self, request: S3Request) -> HitPlan | None:
+        """The answer to a GetObject/HeadObject that needs nothing but bytes already on
+        disk: a fresh record, every block present and verified, no fill to join, no
+        condition failing. None when anything would need the origin or a wait; the
+        caller then takes the general path, which decides everything again.
+
+        Nothing is counted until `commit_hit`: a plan may still be abandoned."""
+        assert request.bucket is not None and request.key is not None
+        record = self.index.get(request.bucket, request.key)
+        if record is None or time.time() - record.validated_at > self.ttl:
+            return None
+        cache_control = request.headers.get("Cache-Control")
+        if cache_control is not None and "no-cache" in cache_control.lower():
+            return None
+        try:
+            status, first, last, headers = self._answer_head(request, record, request.headers.get("Range"))
+        except errors.S3Error:
+            return None
+        length = last - first + 1
+        if request.method == "HEAD" or length == 0:
+            return HitPlan(status, headers, length, record, -1, first, ())
+        first_block, last_block = block_span(first, last, record.block_size)
+        inflight = self._inflight
+        for i in range(first_block, last_block + 1):
+            if not record.has(i) or record.is_unverified(i) or (record.id, i) in inflight:
+                return None
+        blocks = tuple((record.id, i) for i in range(first_block, last_block + 1))
+        return HitPlan(status, headers, length, record, self.files.acquire(record), first, blocks)
+
+    def commit_hit(self, plan: HitPlan, request: S3Request) -> None:
+        """The plan is being sent: count it, and keep its blocks from eviction."""
+        for key in plan.blocks:
+            self.policy.hit(key)
+        self._pin(list(plan.blocks))
+        self._count("HIT")
+        request.stats.cache = "HIT"
+
+    def release_hit(self, plan: HitPlan, committed: bool) -> None:
+        if committed:
+            self._unpin(list(plan.blocks))
+        if plan.fd >= 0:
+            self.files.release(plan.record)
+            plan.fd = -1
+
+    async def _serve_known(self, request: S3Request, record: ObjectRecord, range_header: str | None, *,
+                           fills: dict[int, BlockFill], outcome_miss: bool) -> CachedAnswer:
+        status, first, last, headers = self._answer_head(request, record, range_header)
         length = last - first + 1
         if request.method == "HEAD" or length == 0:
             outcome = "MISS" if outcome_miss else "HIT"

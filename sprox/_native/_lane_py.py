@@ -1,0 +1,611 @@
+"""The HTTP/1.1 connection: one parser decides where every request ends; cache hits
+are answered here, everything else is handed to aiohttp on the same connection.
+
+    bytes -> llhttp (httptools) -> one _Message per request, in order
+      -> a GET/HEAD the cache holds (FrontEnd.try_hit): status line and headers
+         written with the body in one syscall, or the headers then sendfile(2)
+      -> anything else: re-serialised as one well-formed request (the framing our
+         parser decided, never the client's) and fed to an aiohttp RequestHandler
+         whose transport writes to the same socket
+
+Why a second lane at all: aiohttp's request and response objects cost ~40 us of CPU
+per request, several times what sending a small cached range costs (see ARCHITECTURE.md).
+
+Why aiohttp can never disagree with us about where a request ends: it only ever sees
+bytes we serialised from what llhttp parsed: a request line, the headers, and a body
+framed by one Content-Length or by chunks we wrote. Smuggling forms (Content-Length
+with Transfer-Encoding, two Content-Lengths, bare LF) are refused by llhttp before
+either lane sees them.
+
+Responses leave in request order: while an answer is in flight in one lane (aiohttp
+still handling requests it was given, or a sendfile waiting for the socket), later
+requests wait in `_queue`, and reading pauses once it holds a few.
+
+This file is also the source of the compiled module (`lane.pyx` includes it), so the
+pure-Python twin and the extension cannot drift apart.
+"""
+
+# No `from __future__ import annotations`: Cython wants future imports first in the
+# .pyx that includes this file. Forward references are therefore quoted.
+import asyncio
+import logging
+import os
+import time
+from collections import deque
+from email.utils import formatdate
+
+import httptools
+from aiohttp.web_protocol import RequestHandler
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from sprox.s3 import errors
+from sprox.s3.request import new_request_id
+
+log = logging.getLogger("sprox.lane")
+
+MAX_TARGET_BYTES = 16 * 1024  # the request target, like aiohttp's max_line_size here
+MAX_HEAD_BYTES = 64 * 1024  # request line and headers together
+MAX_HEADERS = 128
+MAX_QUEUED = 16  # parsed requests waiting for their turn before reading pauses
+KEEPALIVE_SECONDS = 75.0  # an idle connection is closed after this
+HEAD_SECONDS = 60.0  # a request's head must arrive within this
+_INNER_KEEPALIVE = 10.0 ** 7  # aiohttp must never close a connection on its own idea of idle
+
+_REASONS = {200: b"OK", 206: b"Partial Content"}
+_FRAMING = frozenset({b"content-length", b"transfer-encoding"})
+
+
+class _Message:
+    """One request as llhttp parsed it."""
+
+    __slots__ = ("url", "headers", "method", "version", "keep_alive", "body_length", "chunked",
+                 "complete", "fed", "buffered", "trailers", "head_bytes")
+
+    def __init__(self) -> None:
+        self.url = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.method = b""
+        self.version = "1.1"
+        self.keep_alive = True
+        self.body_length = 0  # Content-Length, or -1 for chunked
+        self.chunked = False
+        self.complete = False
+        self.fed = False  # handed to aiohttp: body bytes now go straight there
+        self.buffered: list[bytes] | None = None  # body bytes that arrived before that
+        self.trailers: list[tuple[bytes, bytes]] | None = None
+        self.head_bytes = 0
+
+    @property
+    def fast_candidate(self) -> bool:
+        return (self.method == b"GET" or self.method == b"HEAD") and self.body_length == 0 and not self.chunked
+
+
+class LaneServer:
+    """The protocol factory given to `loop.create_server`, and the registry of live
+    connections that a graceful shutdown walks."""
+
+    def __init__(self, aiohttp_server, frontend, *, handler_kwargs: dict | None = None,
+                 use_sendfile: bool = True) -> None:
+        self.aiohttp_server = aiohttp_server
+        self.frontend = frontend
+        self.handler_kwargs = dict(handler_kwargs or {})
+        self.handler_kwargs["keepalive_timeout"] = _INNER_KEEPALIVE
+        self.use_sendfile = use_sendfile
+        self.connections: set = set()
+        self.closing = False
+        self._date = b""
+        self._date_second = -1
+
+    def __call__(self) -> "Connection":
+        return Connection(self)
+
+    def date_header(self) -> bytes:
+        now = int(time.time())
+        if now != self._date_second:
+            self._date_second = now
+            self._date = b"Date: " + formatdate(now, usegmt=True).encode() + b"\r\n"
+        return self._date
+
+    async def shutdown(self, timeout: float) -> None:
+        """Stop taking requests; let answers in flight finish for up to `timeout`."""
+        self.closing = True
+        for conn in list(self.connections):
+            conn.close_when_idle()
+        deadline = time.monotonic() + timeout
+        while self.connections and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)  # bounded: ends at the deadline
+        for conn in list(self.connections):
+            conn.abort()
+
+
+class Connection(asyncio.Protocol):
+    def __init__(self, server: LaneServer) -> None:
+        self.server = server
+        self.frontend = server.frontend
+        self.loop = asyncio.get_running_loop()
+        self.transport: asyncio.Transport | None = None
+        self.sock_fd = -1
+        self.parser = httptools.HttpRequestParser(self)
+        self.current: _Message | None = None
+        self.queue: deque[_Message] = deque()
+        self.busy = False  # a fast-lane answer is waiting for the socket
+        self.inner: _AiohttpLane | None = None
+        self.inner_pending = 0  # requests given to aiohttp and not yet answered
+        self.fatal: errors.S3Error | None = None  # answer this, then close
+        self.no_more = False  # a request asked to close the connection
+        self.closed = False
+        self.paused_by: set[str] = set()
+        self.waiter: asyncio.Future | None = None  # the fast lane waiting on the socket
+        self.eof = False
+        self.last_active = 0.0
+        self.timer: asyncio.TimerHandle | None = None
+
+    # -- asyncio.Protocol ----------------------------------------------------------------------
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        sock = transport.get_extra_info("socket")
+        self.sock_fd = sock.fileno() if sock is not None else -1
+        self.server.connections.add(self)
+        self.last_active = self.loop.time()
+        self.timer = self.loop.call_later(HEAD_SECONDS, self._check_idle)
+        if self.server.closing:
+            self.close_when_idle()
+
+    def connection_lost(self, exc) -> None:
+        self.closed = True
+        self.server.connections.discard(self)
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(ConnectionResetError("client went away"))
+            waiter.exception()  # marked retrieved: the sender sees it when it awaits
+        if self.inner is not None:
+            self.inner.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        if self.inner is not None:
+            self.inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
+        if self.inner is not None:
+            self.inner.resume_writing()
+
+    def eof_received(self):
+        # A client that half-closes after its last request still gets its answers.
+        self.eof = True
+        self._pump()
+        return True
+
+    def data_received(self, data: bytes) -> None:
+        if self.closed or self.fatal is not None or (self.no_more and self.current is None):
+            return
+        self.last_active = self.loop.time()
+        current = self.current
+        if current is not None and not current.fed and current.buffered is None:
+            current.head_bytes += len(data)  # still in its head: count it against the limit
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self.fatal = errors.S3Error("InvalidRequest", "Sprox does not support protocol upgrades or CONNECT.",
+                                        400)
+        except httptools.HttpParserError as exc:
+            if self.current is not None and self.current.fed:
+                self.abort()  # a body aiohttp is reading can never be completed
+                return
+            if not self.no_more:
+                self._bad_request(exc)
+        current = self.current
+        if current is not None and current.buffered is None and not current.fed \
+                and current.head_bytes > MAX_HEAD_BYTES:
+            self.fatal = errors.S3Error("RequestHeaderSectionTooLarge",
+                                        "Your request header section exceeds the maximum allowed size.", 400)
+        self._pump()
+
+    # -- llhttp callbacks ------------------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self.current = _Message()
+
+    def on_url(self, url: bytes) -> None:
+        message = self.current
+        message.url += url
+        if len(message.url) > MAX_TARGET_BYTES:
+            raise httptools.HttpParserError("request target too long")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        message = self.current
+        if message.buffered is not None or message.fed:  # after the body: a chunked trailer
+            if message.trailers is None:
+                message.trailers = []
+            message.trailers.append((name, value))
+            if len(message.trailers) > MAX_HEADERS:
+                raise httptools.HttpParserError("too many trailers")
+            return
+        message.headers.append((name, value))
+        if len(message.headers) > MAX_HEADERS:
+            raise httptools.HttpParserError("too many headers")
+
+    def on_headers_complete(self) -> None:
+        message = self.current
+        parser = self.parser
+        message.method = parser.get_method()
+        message.version = parser.get_http_version()
+        message.keep_alive = parser.should_keep_alive()
+        for name, value in message.headers:
+            lower = name.lower()
+            if lower == b"transfer-encoding":
+                message.chunked = True  # llhttp accepted it, so chunked is the final coding
+            elif lower == b"content-length":
+                message.body_length = int(value)  # llhttp checked it is one valid number
+        message.buffered = []
+        if not message.keep_alive:
+            self.no_more = True
+        self.queue.append(message)
+
+    def on_body(self, body: bytes) -> None:
+        message = self.current
+        if message.fed:
+            self._feed_body(message, body)
+        else:
+            message.buffered.append(body)
+
+    def on_message_complete(self) -> None:
+        message = self.current
+        message.complete = True
+        self.current = None
+        if message.fed and message.chunked:
+            self._end_chunked(message)
+
+    # -- dispatch ---------------------------------------------------------------------------------
+
+    def _pump(self) -> None:
+        """Answer or hand on queued requests, in order, as far as order allows."""
+        queue = self.queue
+        while queue and not self.busy and not self.closed:
+            message = queue[0]
+            if message.fast_candidate and self.inner_pending == 0 and self._try_fast(message):
+                queue.popleft()
+                continue
+            queue.popleft()
+            self._feed(message)
+        if self.closed:
+            return
+        if not queue and not self.busy and self.inner_pending == 0:
+            if self.fatal is not None:
+                self._send_error_and_close(self.fatal)
+                return
+            if (self.no_more or self.eof) and self.current is None:
+                self.transport.close()
+                return
+        current = self.current
+        if len(queue) >= MAX_QUEUED or (current is not None and current.buffered):
+            # Requests (or a body) wait behind an answer in flight: stop reading more.
+            self._pause_reading("queue")
+        else:
+            self._resume_reading("queue")
+
+    def _try_fast(self, message: _Message) -> bool:
+        headers = CIMultiDictProxy(CIMultiDict(
+            (name.decode("latin-1"), value.decode("latin-1")) for name, value in message.headers))
+        try:
+            target = message.url.decode("latin-1")
+            hit = self.frontend.try_hit(message.method.decode(), target, headers)
+        except Exception:  # the general path answers (and logs) whatever went wrong here
+            log.debug("fast lane declined a request", exc_info=True)
+            return False
+        if hit is None:
+            return False
+        self._send_hit(hit, message)
+        return True
+
+    # -- the fast lane -------------------------------------------------------------------------------
+
+    def _render_head(self, hit, message: _Message) -> bytes:
+        plan = hit.plan
+        version = b"HTTP/1.0 " if message.version == "1.0" else b"HTTP/1.1 "
+        parts = [version, str(plan.status).encode(), b" ", _REASONS[plan.status], b"\r\n",
+                 self.server.date_header(), b"Server: Sprox\r\n"]
+        for name, value in plan.headers.items():
+            parts.append(f"{name}: {value}\r\n".encode())
+        parts.append(b"Content-Length: %d\r\n" % plan.length)
+        if not message.keep_alive:
+            parts.append(b"Connection: close\r\n")
+        elif message.version == "1.0":
+            parts.append(b"Connection: keep-alive\r\n")
+        parts.append(b"\r\n")
+        return b"".join(parts)
+
+    def _send_hit(self, hit, message: _Message) -> None:
+        head = self._render_head(hit, message)
+        plan = hit.plan
+        if plan.fd < 0 or message.method == b"HEAD":
+            self.transport.write(head)
+            hit.finished(0)
+            return
+        if hit.body is not None:
+            self.transport.write(head + hit.body)  # one syscall for a small answer
+            hit.finished(len(hit.body))
+            return
+        self.busy = True
+        task = self.loop.create_task(self._send_large(hit, head))
+        task.add_done_callback(self._large_sent)
+
+    async def _send_large(self, hit, head: bytes) -> None:
+        plan = hit.plan
+        sent = 0
+        try:
+            await self._drain()
+            if self.server.use_sendfile and self.sock_fd >= 0:
+                await self._send_head_direct(head)
+                sent = await self._sendfile(plan.fd, plan.offset, plan.length)
+            else:
+                self.transport.write(head)
+                sent = await self._copy(plan.fd, plan.offset, plan.length)
+        except (OSError, EOFError) as exc:
+            # The status line is gone: cut the connection so a short body is an error.
+            if not isinstance(exc, ConnectionError):
+                log.warning("cached answer %s cut short: %s", hit.request.request_id, exc)
+            if self.transport is not None:
+                self.transport.abort()
+        finally:
+            hit.finished(sent)
+
+    def _large_sent(self, task: asyncio.Task) -> None:
+        self.busy = False
+        if not task.cancelled() and task.exception() is not None:
+            log.error("fast lane answer failed", exc_info=task.exception())
+            self.abort()
+            return
+        self._pump()
+
+    async def _drain(self) -> None:
+        """Wait until the transport has nothing buffered: sendfile(2) writes to the
+        socket directly and must not overtake bytes queued before it."""
+        transport = self.transport
+        if self.closed or transport is None:
+            raise ConnectionResetError("client went away")
+        if transport.get_write_buffer_size() == 0:
+            return
+        self.waiter = self.loop.create_future()
+        high, low = 64 * 1024, 16 * 1024
+        transport.set_write_buffer_limits(high=0, low=0)  # resume_writing() fires at empty
+        try:
+            await self.waiter
+        finally:
+            self.waiter = None
+            if not self.closed:
+                transport.set_write_buffer_limits(high=high, low=low)
+
+    async def _wait_writable(self) -> None:
+        if self.closed:
+            raise ConnectionResetError("client went away")
+        self.waiter = writable = self.loop.create_future()
+        fd = self.sock_fd
+        # The transport has no writer registered (its buffer is empty, see _drain),
+        # so registering ours on its socket displaces nothing. (The selector loop's
+        # own method: the public add_writer refuses a transport's socket.)
+        self.loop._add_writer(fd, _set_once, writable)
+        try:
+            await writable
+        finally:
+            self.waiter = None
+            if not self.closed:
+                self.loop._remove_writer(fd)
+
+    async def _send_head_direct(self, head: bytes) -> None:
+        view = memoryview(head)
+        while view:
+            try:
+                n = os.write(self.sock_fd, view)
+            except BlockingIOError:
+                n = 0
+            view = view[n:]
+            if view:
+                await self._wait_writable()
+
+    async def _sendfile(self, fd: int, offset: int, count: int) -> int:
+        sent = 0
+        while count > 0:
+            if self.closed:
+                raise ConnectionResetError("client went away")
+            try:
+                n = os.sendfile(self.sock_fd, fd, offset, count)
+            except BlockingIOError:
+                await self._wait_writable()
+                continue
+            if n == 0:
+                raise EOFError("block file shorter than its index says")
+            offset += n
+            count -= n
+            sent += n
+        return sent
+
+    async def _copy(self, fd: int, offset: int, count: int) -> int:
+        sent = 0
+        while count > 0:
+            size = min(count, 1024 * 1024)
+            data = await self.loop.run_in_executor(None, os.pread, fd, size, offset)
+            if not data:
+                raise EOFError("block file shorter than its index says")
+            self.transport.write(data)
+            offset += len(data)
+            count -= len(data)
+            sent += len(data)
+            await self._drain()
+        return sent
+
+    # -- the aiohttp lane -------------------------------------------------------------------------
+
+    def _feed(self, message: _Message) -> None:
+        inner = self.inner
+        if inner is None:
+            inner = self.inner = _AiohttpLane(self.server.aiohttp_server, loop=self.loop,
+                                              **self.server.handler_kwargs)
+            inner.lane = self
+            inner.connection_made(_InnerTransport(self))
+        head = [message.method, b" ", message.url, b" HTTP/", message.version.encode(), b"\r\n"]
+        for name, value in message.headers:
+            if name.lower() not in _FRAMING:
+                head += (name, b": ", value, b"\r\n")
+        if message.chunked:
+            head.append(b"Transfer-Encoding: chunked\r\n")
+        elif message.body_length:
+            head.append(b"Content-Length: %d\r\n" % message.body_length)
+        head.append(b"\r\n")
+        self.inner_pending += 1
+        message.fed = True
+        inner.data_received(b"".join(head))
+        for piece in message.buffered:
+            self._feed_body(message, piece)
+        message.buffered = None
+        if message.complete and message.chunked:
+            self._end_chunked(message)
+
+    def _feed_body(self, message: _Message, piece: bytes) -> None:
+        if not piece or self.inner is None:
+            return
+        if message.chunked:
+            piece = b"%x\r\n%s\r\n" % (len(piece), piece)
+        self.inner.data_received(piece)
+
+    def _end_chunked(self, message: _Message) -> None:
+        trailer = b"".join(name + b": " + value + b"\r\n" for name, value in message.trailers or ())
+        self.inner.data_received(b"0\r\n" + trailer + b"\r\n")
+
+    def inner_answered(self) -> None:
+        self.inner_pending -= 1
+        if self.inner_pending == 0:
+            # After aiohttp's own bookkeeping for this answer, not in the middle of it.
+            self.loop.call_soon(self._pump)
+
+    # -- flow control and closing ---------------------------------------------------------------
+
+    def _pause_reading(self, who: str) -> None:
+        if not self.paused_by and self.transport is not None and not self.closed:
+            self.transport.pause_reading()
+        self.paused_by.add(who)
+
+    def _resume_reading(self, who: str) -> None:
+        if who not in self.paused_by:
+            return
+        self.paused_by.discard(who)
+        if not self.paused_by and self.transport is not None and not self.closed:
+            self.transport.resume_reading()
+
+    def _bad_request(self, exc: Exception) -> None:
+        detail = str(exc) or type(exc).__name__
+        if "too long" in detail or "too many" in detail:
+            self.fatal = errors.S3Error("RequestHeaderSectionTooLarge",
+                                        "Your request header section exceeds the maximum allowed size.", 400)
+        else:
+            self.fatal = errors.S3Error("BadRequest", f"An error occurred when parsing the HTTP request: {detail}",
+                                        400)
+
+    def _send_error_and_close(self, error: errors.S3Error) -> None:
+        request_id = new_request_id()
+        body = error.to_xml(request_id)
+        head = (b"HTTP/1.1 %d Bad Request\r\n" % error.status + self.server.date_header()
+                + b"Server: Sprox\r\nContent-Type: application/xml\r\nx-amz-request-id: "
+                + request_id.encode() + b"\r\nContent-Length: %d\r\nConnection: close\r\n\r\n" % len(body))
+        self.transport.write(head + body)
+        self.transport.close()
+
+    def _check_idle(self) -> None:
+        self.timer = None
+        if self.closed:
+            return
+        idle = self.loop.time() - self.last_active
+        limit = HEAD_SECONDS if self.current is not None and self.current.buffered is None else KEEPALIVE_SECONDS
+        in_progress = self.busy or self.inner_pending or self.queue or \
+            (self.current is not None and self.current.buffered is not None)
+        if not in_progress and idle >= limit:
+            self.transport.close()
+            return
+        self.timer = self.loop.call_later(max(1.0, limit - idle), self._check_idle)
+
+    def close_when_idle(self) -> None:
+        self.no_more = True
+        if not self.busy and not self.inner_pending and not self.queue and self.transport is not None:
+            if self.current is None or self.current.buffered is None:
+                self.transport.close()
+
+    def abort(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.abort()
+
+    def inner_close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+
+def _set_once(future: asyncio.Future) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+class _AiohttpLane(RequestHandler):
+    """aiohttp's own connection handler, fed the requests the fast lane does not answer;
+    tells the lane when each answer has been written."""
+
+    __slots__ = ("lane",)
+
+    def log_access(self, request, response, time) -> None:
+        super().log_access(request, response, time)
+        self.lane.inner_answered()
+
+
+class _InnerTransport(asyncio.Transport):
+    """The transport aiohttp writes to: the connection's own, except that reading is
+    paused and resumed together with the fast lane, and closing goes through it."""
+
+    def __init__(self, lane: "Connection") -> None:
+        super().__init__()
+        self._lane = lane
+        self._real = lane.transport
+
+    def write(self, data) -> None:
+        self._real.write(data)
+
+    def writelines(self, list_of_data) -> None:
+        self._real.writelines(list_of_data)
+
+    def is_closing(self) -> bool:
+        return self._real.is_closing()
+
+    def close(self) -> None:
+        self._lane.inner_close()
+
+    def abort(self) -> None:
+        self._real.abort()
+
+    def get_extra_info(self, name, default=None):
+        return self._real.get_extra_info(name, default)
+
+    def pause_reading(self) -> None:
+        self._lane._pause_reading("aiohttp")
+
+    def resume_reading(self) -> None:
+        self._lane._resume_reading("aiohttp")
+
+    def is_reading(self) -> bool:
+        return self._real.is_reading()
+
+    def get_write_buffer_size(self) -> int:
+        return self._real.get_write_buffer_size()
+
+    def get_write_buffer_limits(self):
+        return self._real.get_write_buffer_limits()
+
+    def set_write_buffer_limits(self, high=None, low=None) -> None:
+        self._real.set_write_buffer_limits(high, low)
+
+    def can_write_eof(self) -> bool:
+        return self._real.can_write_eof()
+
+    def write_eof(self) -> None:
+        self._real.write_eof()
