@@ -50,6 +50,7 @@ class FrontEnd:
         self.access_log = access_log
         # SPROX_NO_SENDFILE=1 sends cached bytes by reading and writing (the copy path).
         self.use_sendfile = os.environ.get("SPROX_NO_SENDFILE") != "1"
+        self.fast_hits = 0  # answered by the fast lane (sprox/_native/_lane_py.py)
 
     async def handle(self, http: web.Request) -> web.StreamResponse:
         started_at, started = time.time(), time.monotonic()
@@ -146,6 +147,7 @@ class FrontEnd:
                 cache.release_hit(plan, committed=False)  # the disk is needed: not for the fast lane
                 return None
         cache.commit_hit(plan, request)
+        self.fast_hits += 1
         plan.headers["X-Cache"] = "HIT"
         plan.headers["x-amz-request-id"] = request_id
         return FastHit(self, request, plan, headers, body, started_at, started)

@@ -120,7 +120,8 @@ class Sprox:
         stats = self.cache.stats
         return web.json_response({"hits": stats.hits, "misses": stats.misses, "partial": stats.partial,
                                   "bypass": stats.bypass, "fills": stats.fills,
-                                  "evicted_blocks": stats.evicted_blocks, "used_bytes": self.cache.used_bytes})
+                                  "evicted_blocks": stats.evicted_blocks, "used_bytes": self.cache.used_bytes,
+                                  "fast_lane_hits": self.frontend.fast_hits})
 
     async def _purge(self, request: web.Request) -> web.Response:
         """Purge cached objects of a running Sprox (used by `sprox cache purge`)."""

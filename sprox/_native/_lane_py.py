@@ -45,6 +45,7 @@ log = logging.getLogger("sprox.lane")
 
 MAX_TARGET_BYTES = 16 * 1024  # the request target, like aiohttp's max_line_size here
 MAX_HEAD_BYTES = 64 * 1024  # request line and headers together
+MAX_FIELD_BYTES = 16 * 1024  # one header (aiohttp would refuse longer ones)
 MAX_HEADERS = 128
 MAX_QUEUED = 16  # parsed requests waiting for their turn before reading pauses
 KEEPALIVE_SECONDS = 75.0  # an idle connection is closed after this
@@ -59,7 +60,7 @@ class _Message:
     """One request as llhttp parsed it."""
 
     __slots__ = ("url", "headers", "method", "version", "keep_alive", "body_length", "chunked",
-                 "complete", "fed", "buffered", "trailers", "head_bytes")
+                 "complete", "fed", "buffered", "trailers", "head_bytes", "header_bytes")
 
     def __init__(self) -> None:
         self.url = b""
@@ -73,7 +74,8 @@ class _Message:
         self.fed = False  # handed to aiohttp: body bytes now go straight there
         self.buffered: list[bytes] | None = None  # body bytes that arrived before that
         self.trailers: list[tuple[bytes, bytes]] | None = None
-        self.head_bytes = 0
+        self.head_bytes = 0  # bytes received while in the head (bounds llhttp's buffering)
+        self.header_bytes = 0  # of the parsed headers
 
     @property
     def fast_candidate(self) -> bool:
@@ -127,6 +129,7 @@ class Connection(asyncio.Protocol):
         self.sock_fd = -1
         self.parser = httptools.HttpRequestParser(self)
         self.current: _Message | None = None
+        self.last_parsed: _Message | None = None
         self.queue: deque[_Message] = deque()
         self.busy = False  # a fast-lane answer is waiting for the socket
         self.inner: _AiohttpLane | None = None
@@ -191,13 +194,18 @@ class Connection(asyncio.Protocol):
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
+            # llhttp stops at the upgrade request (CONNECT, or Upgrade: ...) after queuing
+            # it: it gets a 400 instead, after the answers to the requests before it.
+            if self.queue and self.queue[-1] is self.last_parsed:
+                self.queue.pop()
+            self.current = None
             self.fatal = errors.S3Error("InvalidRequest", "Sprox does not support protocol upgrades or CONNECT.",
                                         400)
         except httptools.HttpParserError as exc:
             if self.current is not None and self.current.fed:
                 self.abort()  # a body aiohttp is reading can never be completed
                 return
-            if not self.no_more:
+            if not self.no_more and self.fatal is None:
                 self._bad_request(exc)
         current = self.current
         if current is not None and current.buffered is None and not current.fed \
@@ -215,7 +223,7 @@ class Connection(asyncio.Protocol):
         message = self.current
         message.url += url
         if len(message.url) > MAX_TARGET_BYTES:
-            raise httptools.HttpParserError("request target too long")
+            self._too_large()
 
     def on_header(self, name: bytes, value: bytes) -> None:
         message = self.current
@@ -224,11 +232,13 @@ class Connection(asyncio.Protocol):
                 message.trailers = []
             message.trailers.append((name, value))
             if len(message.trailers) > MAX_HEADERS:
-                raise httptools.HttpParserError("too many trailers")
+                self._too_large()
             return
         message.headers.append((name, value))
-        if len(message.headers) > MAX_HEADERS:
-            raise httptools.HttpParserError("too many headers")
+        message.header_bytes += len(name) + len(value) + 4
+        if len(message.headers) > MAX_HEADERS or len(value) > MAX_FIELD_BYTES \
+                or message.header_bytes + len(message.url) > MAX_HEAD_BYTES:
+            self._too_large()
 
     def on_headers_complete(self) -> None:
         message = self.current
@@ -243,6 +253,7 @@ class Connection(asyncio.Protocol):
             elif lower == b"content-length":
                 message.body_length = int(value)  # llhttp checked it is one valid number
         message.buffered = []
+        self.last_parsed = message
         if not message.keep_alive:
             self.no_more = True
         self.queue.append(message)
@@ -497,11 +508,16 @@ class Connection(asyncio.Protocol):
         if not self.paused_by and self.transport is not None and not self.closed:
             self.transport.resume_reading()
 
+    def _too_large(self) -> None:
+        """Called from a parser callback: the error is decided here, the raise stops llhttp."""
+        self.fatal = errors.S3Error("RequestHeaderSectionTooLarge",
+                                    "Your request header section exceeds the maximum allowed size.", 400)
+        raise httptools.HttpParserError("request head too large")
+
     def _bad_request(self, exc: Exception) -> None:
         detail = str(exc) or type(exc).__name__
-        if "too long" in detail or "too many" in detail:
-            self.fatal = errors.S3Error("RequestHeaderSectionTooLarge",
-                                        "Your request header section exceeds the maximum allowed size.", 400)
+        if isinstance(exc, httptools.HttpParserInvalidURLError):
+            self.fatal = errors.S3Error("InvalidURI", "Couldn't parse the specified URI.", 400)
         else:
             self.fatal = errors.S3Error("BadRequest", f"An error occurred when parsing the HTTP request: {detail}",
                                         400)
