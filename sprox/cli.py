@@ -142,7 +142,8 @@ async def serve(config: Config) -> int:
         loop.add_signal_handler(sig, stop.set)
     io = sprox.cache.io.name if sprox.cache is not None and sprox.cache.io is not None else ""
     cache = (f"{config.cache_path} ({config.cache_size / 2**30:g} GiB, {config.block_size // 1024} KiB blocks, "
-             f"ttl {config.ttl:g} s, {io} I/O)" if config.cache_path else "off (--no-cache)")
+             f"ttl {config.ttl:g} s, {io} I/O{', O_DIRECT' if config.direct_io else ''})"
+             if config.cache_path else "off (--no-cache)")
     print(f"Sprox listening on {sprox.endpoint}\n  fronting {sprox.origin.description}\n"
           f"  cache: {cache}\n  auth: {config.auth_mode}", flush=True)
     try:

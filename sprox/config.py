@@ -82,6 +82,7 @@ class Config:
     no_cache: bool = False
     io_backend: str = "auto"
     io_uring: bool = False
+    direct_io: bool = False
 
     def __post_init__(self) -> None:
         # Embedding code may pass plain strings for paths (Sprox(origin_dir="/data")).
@@ -249,6 +250,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("io_backend", "how cache fills are written and cold blocks read: auto (io_uring when the "
             "kernel and the build allow it, else a thread pool), uring, or threads", choices=IO_BACKENDS),
     Setting("io_uring", "same as --io-backend uring", _parse_bool, switch=True),
+    Setting("direct_io", "write cache fills and read cold blocks with O_DIRECT (aligned buffers), "
+            "so filling the cache does not evict hot bytes from the page cache", _parse_bool, switch=True),
     Setting("log_level", "log verbosity", choices=LOG_LEVELS),
     Setting("config", "TOML configuration file", _parse_path, metavar="FILE"),
 )

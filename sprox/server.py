@@ -65,7 +65,7 @@ class Sprox:
 
             self.cache = ObjectCache(self.origin, cache_dir, capacity=self.config.cache_size,
                                      block_size=self.config.block_size, ttl=self.config.ttl,
-                                     io_backend=self.config.cache_io)
+                                     io_backend=self.config.cache_io, direct_io=self.config.direct_io)
         listings = None
         if self.config.list_ttl > 0:
             from .cache.listings import ListingCache
@@ -139,8 +139,11 @@ class Sprox:
                 self._lock_cache_dir()
                 try:
                     await self.cache.start()
-                except RuntimeError as exc:  # an explicit --io-backend uring that cannot work
-                    raise ConfigError("--io-backend", str(exc).removeprefix("--io-backend uring: ")) from None
+                except RuntimeError as exc:  # --io-backend uring or --direct-io that cannot work here
+                    flag, _, reason = str(exc).partition(": ")
+                    if flag == "--io-backend uring":
+                        flag = "--io-backend"
+                    raise ConfigError(flag, reason) from None
             await self.origin.start()
             await self.access_log.start()
         except BaseException:

@@ -44,10 +44,11 @@ def punch_hole(fd: int, offset: int, length: int) -> bool:
 
 
 class _OpenFile:
-    __slots__ = ("fd", "users", "unlinked")
+    __slots__ = ("fd", "direct_fd", "users", "unlinked")
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
+        self.direct_fd = -1  # an O_DIRECT descriptor, opened on first use (--direct-io)
         self.users = 0
         self.unlinked = False
 
@@ -66,13 +67,26 @@ class BlockFiles:
     def prepare(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
 
+    def supports_direct_io(self) -> str | None:
+        """None when O_DIRECT works in the block directory, else why not (tmpfs, for one,
+        refuses it)."""
+        probe = self.directory / ".direct-io-probe"
+        try:
+            fd = os.open(probe, os.O_RDWR | os.O_CREAT | os.O_DIRECT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            return f"the file system of {str(self.directory)!r} refuses O_DIRECT ({exc.strerror})"
+        os.close(fd)
+        probe.unlink()
+        return None
+
     def path(self, record: ObjectRecord) -> Path:
         return self.directory / record.file_name
 
     # -- descriptors (event-loop thread only) -----------------------------------------------
 
-    def acquire(self, record: ObjectRecord) -> int:
-        """A descriptor for the record's file, held until `release`."""
+    def acquire(self, record: ObjectRecord, direct: bool = False) -> int:
+        """A descriptor for the record's file, held until `release`; with `direct`, one
+        opened with O_DIRECT (for the I/O backend in --direct-io mode)."""
         entry = self._open.get(record.id)
         if entry is None:
             path = self.path(record)
@@ -85,6 +99,14 @@ class BlockFiles:
         else:
             self._idle.pop(record.id, None)
         entry.users += 1
+        if direct:
+            if entry.direct_fd < 0:
+                try:
+                    entry.direct_fd = os.open(self.path(record), os.O_RDWR | os.O_DIRECT | os.O_CLOEXEC)
+                except OSError:
+                    self.release(record)
+                    raise
+            return entry.direct_fd
         return entry.fd
 
     def release(self, record: ObjectRecord) -> None:
@@ -106,6 +128,8 @@ class BlockFiles:
         self._idle.pop(record_id, None)
         if entry is not None:
             os.close(entry.fd)
+            if entry.direct_fd >= 0:
+                os.close(entry.direct_fd)
 
     def remove(self, record: ObjectRecord) -> None:
         """Delete a record's file; descriptors in use stay valid until released."""

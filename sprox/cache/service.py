@@ -35,7 +35,7 @@ from ..s3.request import S3Request
 from ..upstream.base import Origin, OriginResponse, UpstreamBodyError
 from .blockfiles import BlockFiles, punch_hole
 from .fill import FAILED, PERSISTED, BlockFill, FillRun, NotCached, ObjectChanged
-from .io import IOBackend, make_backend
+from .io import ALIGNMENT, IOBackend, make_backend
 from .index import CacheIndex
 from .policy import S3FIFO
 from .records import ObjectRecord
@@ -103,9 +103,12 @@ class CacheStats:
 
 class ObjectCache:
     def __init__(self, origin: Origin, directory: Path, *, capacity: int, block_size: int, ttl: float,
-                 io_backend: str = "auto", io_threads: int = 16) -> None:
+                 io_backend: str = "auto", io_threads: int = 16, direct_io: bool = False) -> None:
         self.origin = origin
         self.io_choice = io_backend
+        # O_DIRECT fills and cold reads (--direct-io): the page cache keeps what clients
+        # read (hits go out by sendfile from it), not every byte a fill writes.
+        self.direct_io = direct_io
         self.io: IOBackend | None = None  # made in start(): probing io_uring may block
         self.directory = directory
         self.block_size = block_size
@@ -130,8 +133,15 @@ class ObjectCache:
     async def start(self) -> None:
         """Open the index and the I/O backend. Raises RuntimeError when an explicit
         `--io-backend uring` cannot work here."""
-        self.io = await asyncio.get_running_loop().run_in_executor(self.executor, make_backend, self.io_choice)
-        await asyncio.get_running_loop().run_in_executor(self.executor, self._open)
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self.executor, self.files.prepare)
+        if self.direct_io:
+            refused = await loop.run_in_executor(self.executor, self.files.supports_direct_io)
+            if refused is not None:
+                raise RuntimeError(f"--direct-io: {refused}")
+        self.io = await loop.run_in_executor(
+            self.executor, functools.partial(make_backend, self.io_choice, direct_io=self.direct_io))
+        await loop.run_in_executor(self.executor, self._open)
         for key in self.policy.evict(self._pinned):  # --cache-size shrank since the last run
             self._drop_block(key)
 
@@ -596,11 +606,20 @@ class ObjectCache:
             self._drop_block(victim)
         assert self.io is not None
         loop = asyncio.get_running_loop()
-        fd = self.files.acquire(record)
+        try:
+            fd = self.files.acquire(record, direct=self.direct_io)
+        except OSError as exc:
+            block.fail(NotCached(exc.strerror))
+            raise NotCached(exc.strerror) from None
         try:
             # The CRC is computed on a worker thread while the I/O backend writes.
             crc_done = loop.run_in_executor(self.executor, zlib.crc32, data)
-            await self.io.pwrite(fd, block.start, data)
+            payload = data
+            if self.direct_io and size % ALIGNMENT:
+                # O_DIRECT writes whole sectors: the object's last block is padded with
+                # zeros past its end (never read: spans stop at the object's size).
+                payload = bytes(data) + bytes(ALIGNMENT - size % ALIGNMENT)
+            await self.io.pwrite(fd, block.start, payload)
             crc = await crc_done
         except OSError as exc:
             log.warning("cannot store a block of %s/%s (%s): serving it uncached", record.bucket, record.key,
@@ -620,7 +639,11 @@ class ObjectCache:
             if record.has(i) and record.is_unverified(i):
                 start, end = record.block_range(i)
                 assert self.io is not None
-                fd = self.files.acquire(record)
+                try:
+                    fd = self.files.acquire(record, direct=self.direct_io)
+                except OSError:
+                    self._drop_block((record.id, i))
+                    continue
                 try:
                     data = await self.io.pread(fd, start, end - start)
                     ok = len(data) == end - start and await asyncio.get_running_loop().run_in_executor(
