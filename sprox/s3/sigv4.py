@@ -315,9 +315,9 @@ class SigV4Verifier:
         self._clock = clock
         self._max_skew = max_skew_seconds
         self._cache_size = signing_key_cache_size
-        # (secret, date, region, service) → signing key; dicts keep insertion order, so
-        # the first entry is the oldest and is the one evicted.
-        self._signing_keys: dict[tuple[str, str, str, str], bytes] = {}
+        # (secret, date, region, service) → (signing key, keyed HMAC); dicts keep
+        # insertion order, so the first entry is the oldest and is the one evicted.
+        self._signing_keys: dict[tuple[str, str, str, str], tuple[bytes, hmac.HMAC]] = {}
 
     def verify(self, request: S3Request) -> str:
         """The access key id that signed `request`; raises `S3Error` otherwise."""
@@ -355,14 +355,19 @@ class SigV4Verifier:
         return self._cached_signing_key(secret, date, region, service)
 
     def _cached_signing_key(self, secret: str, date: str, region: str, service: str) -> bytes:
+        return self._keyed_hmac(secret, date, region, service)[0]
+
+    def _keyed_hmac(self, secret: str, date: str, region: str, service: str) -> tuple[bytes, hmac.HMAC]:
+        """(signing key, an HMAC-SHA256 already keyed with it, to copy per request)."""
         cache_key = (secret, date, region, service)
-        key = self._signing_keys.get(cache_key)
-        if key is None:
+        entry = self._signing_keys.get(cache_key)
+        if entry is None:
             key = derive_signing_key(secret, date, region, service)
+            entry = (key, hmac.new(key, digestmod=hashlib.sha256))
             if len(self._signing_keys) >= self._cache_size:
                 del self._signing_keys[next(iter(self._signing_keys))]
-            self._signing_keys[cache_key] = key
-        return key
+            self._signing_keys[cache_key] = entry
+        return entry
 
     # -- header authentication --
 
@@ -502,8 +507,10 @@ class SigV4Verifier:
             canonical_headers(request.headers, fields.signed_headers),
             fields.signed_headers, payload_hash)
         to_sign = string_to_sign(timestamp, fields.scope, canonical)
-        signing_key = self._cached_signing_key(secret, fields.date, fields.region, fields.service)
-        expected = hmac.digest(signing_key, to_sign.encode("utf-8", "surrogateescape"), "sha256").hex()
+        signing_key, keyed = self._keyed_hmac(secret, fields.date, fields.region, fields.service)
+        mac = keyed.copy()  # the key schedule is done once per signing key, not per request
+        mac.update(to_sign.encode("utf-8", "surrogateescape"))
+        expected = mac.hexdigest()
         provided = fields.signature.encode("utf-8", "surrogateescape")
         if not hmac.compare_digest(expected.encode(), provided):
             # S3 echoes what it signed so a client can diff it against its own: nothing
