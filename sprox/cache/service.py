@@ -116,7 +116,7 @@ class ObjectCache:
         self.executor = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="sprox-io")
         self.index = CacheIndex(directory / "index.sqlite")
         self.files = BlockFiles(directory / "blocks", self.executor)
-        self.policy = S3FIFO(capacity)
+        self.policy = S3FIFO(capacity, expected_blocks=capacity // block_size)
         self.stats = CacheStats()
         self._inflight: dict[tuple[int, int], BlockFill] = {}
         self._runs: set[asyncio.Task] = set()
