@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import signal
 import sys
@@ -136,6 +137,10 @@ async def serve(config: Config) -> int:
         print(f"sprox: error: --port: cannot listen on {config.host}:{config.port}: {exc.strerror or exc}",
               file=sys.stderr)
         return 1
+    # Everything loaded so far (aiohttp, botocore, pyarrow, ...) lives as long as the
+    # process: keep it out of the collector's way, or every full collection walks it
+    # again (a few percent of each cache hit's CPU, measured).
+    gc.freeze()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -148,8 +148,6 @@ class FrontEnd:
                 return None
         cache.commit_hit(plan, request)
         self.fast_hits += 1
-        plan.headers["X-Cache"] = "HIT"
-        plan.headers["x-amz-request-id"] = request_id
         return FastHit(self, request, plan, headers, body, started_at, started)
 
     def hit_sent(self, hit: FastHit, bytes_sent: int) -> None:

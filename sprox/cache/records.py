@@ -59,6 +59,8 @@ class ObjectRecord:
     # Blocks loaded from the index after a restart: their bytes are checked against
     # the CRC on first use, so a block lost in a power failure is a miss, never bad bytes.
     unverified: bytearray = field(default_factory=bytearray)
+    # Its response headers rendered for the fast lane (made on the first hit).
+    rendered: bytes | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         blocks = self.block_count

@@ -79,10 +79,12 @@ class CachedAnswer:
 @dataclass(slots=True)
 class HitPlan:
     """A hit answered at once: `length` bytes of the record's file from `offset`
-    (`fd` is -1 when there is no body to send: HEAD, or an empty object)."""
+    (`fd` is -1 when there is no body to send: HEAD, or an empty object).
+    `headers` are the record's response headers, rendered (`name: value\r\n` each)."""
 
     status: int
-    headers: CIMultiDict
+    headers: bytes
+    content_range: str | None
     length: int
     record: ObjectRecord
     fd: int
@@ -386,14 +388,8 @@ class ObjectCache:
             span = parse_range(range_header, record.size)
         except RangeNotSatisfiable:
             raise errors.invalid_range(record.size, range_header or "") from None
-        headers = CIMultiDict(record.headers)
-        headers["ETag"] = record.etag
-        if record.last_modified:
-            headers["Last-Modified"] = record.last_modified
-        headers["Accept-Ranges"] = "bytes"
+        headers = _record_headers(record)
         conditions.apply_response_overrides(request.query, headers)
-        if "Content-Type" not in headers:
-            headers["Content-Type"] = "binary/octet-stream"  # S3's default
         if span is None:
             return 200, 0, record.size - 1, headers
         first, last = span
@@ -405,31 +401,46 @@ class ObjectCache:
     def plan_hit(self, request: S3Request) -> HitPlan | None:
         """The answer to a GetObject/HeadObject that needs nothing but bytes already on
         disk: a fresh record, every block present and verified, no fill to join, no
-        condition failing. None when anything would need the origin or a wait; the
-        caller then takes the general path, which decides everything again.
+        condition failing, no response-* override. None when anything would need the
+        origin or a wait; the caller then takes the general path, which decides
+        everything again.
 
         Nothing is counted until `commit_hit`: a plan may still be abandoned."""
         assert request.bucket is not None and request.key is not None
         record = self.index.get(request.bucket, request.key)
         if record is None or time.time() - record.validated_at > self.ttl:
             return None
-        cache_control = request.headers.get("Cache-Control")
+        headers = request.headers
+        cache_control = headers.get("Cache-Control")
         if cache_control is not None and "no-cache" in cache_control.lower():
             return None
-        try:
-            status, first, last, headers = self._answer_head(request, record, request.headers.get("Range"))
-        except errors.S3Error:
+        if request.query and any(name.startswith("response-") for name in request.query):
             return None
+        try:
+            conditions.check_conditions(headers, record.etag, _modified_seconds(record.last_modified))
+            span = parse_range(headers.get("Range"), record.size)
+        except (errors.S3Error, RangeNotSatisfiable):
+            return None
+        if span is None:
+            status, first, last, ranged = 200, 0, record.size - 1, None
+        else:
+            (first, last), status = span, 206
+            ranged = content_range(first, last, record.size)
+        rendered = record.rendered
+        if rendered is None:
+            # Rendered once per record: a hit then costs no header dictionary at all.
+            rendered = record.rendered = "".join(
+                f"{name}: {value}\r\n" for name, value in _record_headers(record).items()).encode()
         length = last - first + 1
         if request.method == "HEAD" or length == 0:
-            return HitPlan(status, headers, length, record, -1, first, ())
+            return HitPlan(status, rendered, ranged, length, record, -1, first, ())
         first_block, last_block = block_span(first, last, record.block_size)
         inflight = self._inflight
         for i in range(first_block, last_block + 1):
             if not record.has(i) or record.is_unverified(i) or (record.id, i) in inflight:
                 return None
         blocks = tuple((record.id, i) for i in range(first_block, last_block + 1))
-        return HitPlan(status, headers, length, record, self.files.acquire(record), first, blocks)
+        return HitPlan(status, rendered, ranged, length, record, self.files.acquire(record), first, blocks)
 
     def commit_hit(self, plan: HitPlan, request: S3Request) -> None:
         """The plan is being sent: count it, and keep its blocks from eviction."""
@@ -715,6 +726,18 @@ class ObjectCache:
     @property
     def used_bytes(self) -> int:
         return self.policy.used
+
+
+def _record_headers(record: ObjectRecord) -> CIMultiDict:
+    """The headers every answer from `record` carries (before Range and overrides)."""
+    headers = CIMultiDict(record.headers)
+    headers["ETag"] = record.etag
+    if record.last_modified:
+        headers["Last-Modified"] = record.last_modified
+    headers["Accept-Ranges"] = "bytes"
+    if "Content-Type" not in headers:
+        headers["Content-Type"] = "binary/octet-stream"  # S3's default
+    return headers
 
 
 @functools.lru_cache(maxsize=65536)
