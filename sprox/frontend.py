@@ -16,6 +16,7 @@ import errno
 import logging
 import os
 import time
+from dataclasses import dataclass
 
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -379,21 +380,18 @@ async def _sendfile_via_asyncio(transport, file_fd: int, offset: int, count: int
         raise UpstreamBodyError("block file shorter than its index says")
 
 
+@dataclass(slots=True)
 class FastHit:
     """A cache hit the fast lane sends: status and headers, then `body` (small answers,
     already read) or `plan.length` bytes of `plan.fd` from `plan.offset` by sendfile."""
 
-    __slots__ = ("frontend", "request", "plan", "request_headers", "body", "started_at", "started")
-
-    def __init__(self, frontend: FrontEnd, request: S3Request, plan: HitPlan, request_headers,
-                 body: bytes | None, started_at: float, started: float) -> None:
-        self.frontend = frontend
-        self.request = request
-        self.plan = plan
-        self.request_headers = request_headers
-        self.body = body
-        self.started_at = started_at
-        self.started = started
+    frontend: FrontEnd
+    request: S3Request
+    plan: HitPlan
+    request_headers: CIMultiDictProxy
+    body: bytes | None
+    started_at: float  # epoch seconds, for the access log
+    started: float  # monotonic, for the latency
 
     def finished(self, bytes_sent: int) -> None:
         self.frontend.hit_sent(self, bytes_sent)
