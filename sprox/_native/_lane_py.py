@@ -179,8 +179,13 @@ class Connection(asyncio.Protocol):
             self.inner.resume_writing()
 
     def eof_received(self):
-        # A client that half-closes after its last request still gets its answers.
+        # A client that half-closes after its last request still gets its answers; a
+        # request it left incomplete never will be, so the connection closes after them.
         self.eof = True
+        current = self.current
+        if current is not None and current.fed:
+            self.transport.close()  # aiohttp is reading a body that cannot be completed
+            return True
         self._pump()
         return True
 
@@ -290,7 +295,7 @@ class Connection(asyncio.Protocol):
             if self.fatal is not None:
                 self._send_error_and_close(self.fatal)
                 return
-            if (self.no_more or self.eof) and self.current is None:
+            if self.eof or (self.no_more and self.current is None):
                 self.transport.close()
                 return
         current = self.current

@@ -10,6 +10,8 @@ Every test runs against the compiled lane and against its pure-Python twin
 from __future__ import annotations
 
 import json
+import os
+import re
 import socket
 import time
 import urllib.request
@@ -333,3 +335,41 @@ def test_answers_before_a_malformed_request_are_still_sent(lane):
         bad = client.response()
     assert good.status == 206 and good.body == SMALL[5:7]
     assert bad.status == 400
+
+
+# -- fuzzing: whatever arrives, each answer is whole and the server stays up -----------------------
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_PIECES = [
+    b"GET /lane/lane/small HTTP/1.1\r\n", b"HEAD /lane/lane/small HTTP/1.1\r\n", b"PUT /lane/lane/f HTTP/1.1\r\n",
+    b"POST /lane/lane/f?uploads HTTP/1.1\r\n", b"GET /lane/lane/small HTTP/1.0\r\n", b"Host: x\r\n",
+    b"Content-Length: 5\r\n", b"Content-Length: 0\r\n", b"Transfer-Encoding: chunked\r\n", b"Range: bytes=0-9\r\n",
+    b"Range: bytes=-5,7-\r\n", b"Connection: close\r\n", b"Expect: 100-continue\r\n", b"X-Amz-Date: 20240101T000000Z\r\n",
+    b"\r\n", b"\n", b"hello", b"5\r\nhello\r\n0\r\n\r\n", b"0\r\n\r\n", b" ", b":", b"\x00", b"\xff", b"%00", b"GET",
+]
+
+
+@settings(max_examples=int(os.environ.get("SPROX_FUZZ_EXAMPLES", "60")), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.sampled_from(_PIECES), min_size=1, max_size=24))
+def test_any_byte_stream_gets_answers_then_a_close(lane, pieces):
+    """Random streams of request fragments, then the client half-closes: Sprox answers
+    what it can (never a 5xx), then closes; it never hangs, and keeps serving."""
+    stream = b"".join(pieces)
+    with Client(lane.port) as client:
+        client.sock.settimeout(5)
+        client.send(stream)
+        client.sock.shutdown(socket.SHUT_WR)  # nothing more comes: every answer is owed now
+        received = b""
+        try:
+            while chunk := client.sock.recv(1 << 20):
+                received += chunk
+        except TimeoutError:
+            raise AssertionError(f"neither answered nor closed within 5 s: {stream!r} -> {received[:200]!r}") from None
+    assert received == b"" or received.startswith((b"HTTP/1.1 ", b"HTTP/1.0 ")), (stream, received[:200])
+    statuses = [int(s) for s in re.findall(rb"(?m)^HTTP/1\.[01] (\d{3}) ", received)]
+    assert all(status < 500 for status in statuses), (stream, received[:500])
+    with Client(lane.port) as client:  # still serving
+        client.send(get(lane.port, "lane/small", {"Range": "bytes=0-1"}))
+        assert client.response().body == SMALL[:2]
