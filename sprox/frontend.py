@@ -142,7 +142,9 @@ class FrontEnd:
         if plan is None:
             return None
         body = None
-        if plan.fd >= 0 and plan.length <= SMALL_SPAN:
+        # With sendfile, the lane sends every body from the file: measured faster than a
+        # copy even at 4 KiB. Without, small bodies are read here (page cache only).
+        if plan.fd >= 0 and not self.use_sendfile and plan.length <= SMALL_SPAN:
             body = read_if_cached(plan.fd, plan.length, plan.offset)
             if body is None or len(body) != plan.length:
                 cache.release_hit(plan, committed=False)  # the disk is needed: not for the fast lane
@@ -392,6 +394,7 @@ class FastHit:
     body: bytes | None
     started_at: float  # epoch seconds, for the access log
     started: float  # monotonic, for the latency
+    already_sent: int = 0  # body bytes sent before the lane had to wait for the socket
 
     def finished(self, bytes_sent: int) -> None:
         self.frontend.hit_sent(self, bytes_sent)

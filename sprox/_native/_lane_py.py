@@ -2,8 +2,8 @@
 are answered here, everything else is handed to aiohttp on the same connection.
 
     bytes -> llhttp (httptools) -> one _Message per request, in order
-      -> a GET/HEAD the cache holds (FrontEnd.try_hit): status line and headers
-         written with the body in one syscall, or the headers then sendfile(2)
+      -> a GET/HEAD the cache holds (FrontEnd.try_hit): status line and headers in
+         one write, the body by sendfile(2) from the block file
       -> anything else: re-serialised as one well-formed request (the framing our
          parser decided, never the client's) and fed to an aiohttp RequestHandler
          whose transport writes to the same socket
@@ -345,32 +345,57 @@ class Connection(asyncio.Protocol):
             hit.finished(0)
             return
         if hit.body is not None:
-            self.transport.write(head + hit.body)  # one syscall for a small answer
+            self.transport.write(head + hit.body)  # the copy path (SPROX_NO_SENDFILE=1): one write
             hit.finished(len(hit.body))
             return
+        if self.server.use_sendfile and self.sock_fd >= 0 and self.transport.get_write_buffer_size() == 0:
+            # Most answers fit in the socket's buffer: send them now, without a task;
+            # only what the socket cannot take yet waits for it (in _send_large).
+            try:
+                try:
+                    sent_head = os.write(self.sock_fd, head)
+                except BlockingIOError:  # the socket is full: all of it waits below
+                    sent_head = 0
+                sent = 0
+                if sent_head == len(head):
+                    sent = _sendfile_now(self.sock_fd, plan.fd, plan.offset, plan.length)
+            except (OSError, EOFError) as exc:
+                self._cut_short(hit, exc, 0)
+                return
+            if sent == plan.length:
+                hit.finished(sent)
+                return
+            head = head[sent_head:]
+            plan.offset += sent
+            plan.length -= sent
+            hit.already_sent = sent
         self.busy = True
         task = self.loop.create_task(self._send_large(hit, head))
         task.add_done_callback(self._large_sent)
 
     async def _send_large(self, hit, head: bytes) -> None:
         plan = hit.plan
-        sent = 0
+        sent = hit.already_sent
         try:
             await self._drain()
             if self.server.use_sendfile and self.sock_fd >= 0:
                 await self._send_head_direct(head)
-                sent = await self._sendfile(plan.fd, plan.offset, plan.length)
+                sent += await self._sendfile(plan.fd, plan.offset, plan.length)
             else:
                 self.transport.write(head)
-                sent = await self._copy(plan.fd, plan.offset, plan.length)
+                sent += await self._copy(plan.fd, plan.offset, plan.length)
         except (OSError, EOFError) as exc:
-            # The status line is gone: cut the connection so a short body is an error.
-            if not isinstance(exc, ConnectionError):
-                log.warning("cached answer %s cut short: %s", hit.request.request_id, exc)
-            if self.transport is not None:
-                self.transport.abort()
-        finally:
-            hit.finished(sent)
+            self._cut_short(hit, exc, sent)
+            return
+        hit.finished(sent)
+
+    def _cut_short(self, hit, exc: Exception, sent: int) -> None:
+        # The status line may be gone: cut the connection so a short body is an error.
+        if not isinstance(exc, ConnectionError):
+            log.warning("cached answer %s cut short: %s", hit.request.request_id, exc)
+        if self.transport is not None:
+            self.transport.abort()
+        hit.finished(sent)
 
     def _large_sent(self, task: asyncio.Task) -> None:
         self.busy = False
@@ -563,6 +588,20 @@ class Connection(asyncio.Protocol):
     def inner_close(self) -> None:
         if self.transport is not None:
             self.transport.close()
+
+
+def _sendfile_now(sock_fd: int, fd: int, offset: int, count: int) -> int:
+    """sendfile(2) until done or the socket is full; returns the bytes sent."""
+    sent = 0
+    while sent < count:
+        try:
+            n = os.sendfile(sock_fd, fd, offset + sent, count - sent)
+        except BlockingIOError:
+            break
+        if n == 0:
+            raise EOFError("block file shorter than its index says")
+        sent += n
+    return sent
 
 
 def _set_once(future: asyncio.Future) -> None:

@@ -226,6 +226,20 @@ def test_pipelined_hits_misses_and_writes_are_answered_in_order(lane):
     assert answers[7].body == SMALL[30:40]
 
 
+@pytest.mark.parametrize("size", [7_001, 65_536 + 13, 200_003])
+def test_pipelined_answers_to_a_reader_that_lags_arrive_whole(lane, size):
+    """Many answers queued on one connection whose client reads only after sending
+    every request: the socket fills up between answers, when headers or a body are
+    due, and every answer must still arrive whole and in order."""
+    count = 256
+    ranges = [(i * 997) % (len(LARGE) - size) for i in range(count)]
+    with Client(lane.port) as client:
+        client.send(b"".join(get(lane.port, "lane/large", {"Range": f"bytes={o}-{o + size - 1}"}) for o in ranges))
+        for i, offset in enumerate(ranges):
+            answer = client.response()
+            assert answer.status == 206 and answer.body == LARGE[offset:offset + size], f"answer {i} differs"
+
+
 def test_http_10_and_connection_close_end_the_connection(lane):
     path = f"/{BUCKET}/lane/small"
     with Client(lane.port) as client:
