@@ -64,7 +64,7 @@ class _Message:
     """One request as llhttp parsed it."""
 
     __slots__ = ("url", "headers", "method", "version", "keep_alive", "body_length", "chunked",
-                 "complete", "fed", "buffered", "trailers", "head_bytes", "header_bytes")
+                 "complete", "fed", "buffered", "trailers", "head_bytes", "header_bytes", "begun")
 
     def __init__(self) -> None:
         self.url = b""
@@ -80,6 +80,7 @@ class _Message:
         self.trailers: list[tuple[bytes, bytes]] | None = None
         self.head_bytes = 0  # bytes received while in the head (bounds llhttp's buffering)
         self.header_bytes = 0  # of the parsed headers
+        self.begun = 0.0  # loop time of its first byte: its head must be whole HEAD_SECONDS later
 
     @property
     def fast_candidate(self) -> bool:
@@ -227,6 +228,7 @@ class Connection(asyncio.Protocol):
 
     def on_message_begin(self) -> None:
         self.current = _Message()
+        self.current.begun = self.loop.time()
 
     def on_url(self, url: bytes) -> None:
         message = self.current
@@ -568,17 +570,31 @@ class Connection(asyncio.Protocol):
         self.transport.close()
 
     def _check_idle(self) -> None:
+        """Close connections that hold a request head open too long (a slow drip of
+        header bytes counts from the first byte, not the last) or sit idle too long."""
         self.timer = None
         if self.closed:
             return
-        idle = self.loop.time() - self.last_active
-        limit = HEAD_SECONDS if self.current is not None and self.current.buffered is None else KEEPALIVE_SECONDS
-        in_progress = self.busy or self.inner_pending or self.queue or \
-            (self.current is not None and self.current.buffered is not None)
-        if not in_progress and idle >= limit:
+        now = self.loop.time()
+        current = self.current
+        if current is not None and current.buffered is None:  # a request head is arriving
+            waited = now - current.begun
+            if waited >= HEAD_SECONDS:
+                self.current = None
+                self.fatal = errors.S3Error(
+                    "RequestTimeout", "Your socket connection to the server was not read from or written to "
+                    "within the timeout period. Idle connections will be closed.", 400)
+                self._pump()  # answers due before it go first, then this error and the close
+                return
+            self.timer = self.loop.call_later(HEAD_SECONDS - waited, self._check_idle)
+            return
+        idle = now - self.last_active
+        in_progress = self.busy or self.inner_pending or self.queue or current is not None
+        if not in_progress and idle >= KEEPALIVE_SECONDS:
             self.transport.close()
             return
-        self.timer = self.loop.call_later(max(1.0, limit - idle), self._check_idle)
+        self.timer = self.loop.call_later(max(0.0, KEEPALIVE_SECONDS - idle) if not in_progress
+                                          else KEEPALIVE_SECONDS, self._check_idle)
 
     def close_when_idle(self) -> None:
         self.no_more = True

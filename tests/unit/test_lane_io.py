@@ -87,3 +87,45 @@ def test_headers_due_on_a_full_socket_wait_for_it(tmp_path, module):
     assert head.startswith(b"HTTP/1.1 200 OK\r\n") and b"Content-Length: %d" % len(BODY) in head
     assert body == BODY
     assert frontend.finished == [len(BODY)]
+
+
+@pytest.mark.parametrize("module", LANES)
+def test_a_request_head_dripping_in_is_timed_out_from_its_first_byte(module, monkeypatch):
+    """A client sending a header byte now and then (slowloris) gets S3's RequestTimeout
+    once its head has taken HEAD_SECONDS, however recently its last byte came."""
+    lane = importlib.import_module(module)
+    monkeypatch.setattr(lane, "HEAD_SECONDS", 0.3)
+    server_sock, client_sock = socket.socketpair()
+
+    async def run() -> tuple[bytes, float]:
+        loop = asyncio.get_running_loop()
+        server = lane.LaneServer(None, StubFrontEnd(-1))
+        await loop.connect_accepted_socket(server, sock=server_sock)
+        client_sock.setblocking(False)
+        started = loop.time()
+        await loop.sock_sendall(client_sock, b"GET /b/k HTTP/1.1\r\nHost: x\r\n")
+        received = bytearray()
+        for _ in range(100):  # one byte every 20 ms, for up to 2 s
+            try:
+                await loop.sock_sendall(client_sock, b"X")
+            except (BrokenPipeError, ConnectionResetError):
+                break
+            try:
+                piece = await asyncio.wait_for(loop.sock_recv(client_sock, 65536), 0.02)
+            except TimeoutError:
+                continue
+            if not piece:
+                break
+            received += piece
+        while piece := await asyncio.wait_for(loop.sock_recv(client_sock, 65536), 5):
+            received += piece
+        elapsed = loop.time() - started
+        await server.shutdown(1.0)
+        return bytes(received), elapsed
+
+    try:
+        answer, elapsed = asyncio.run(run())
+    finally:
+        client_sock.close()
+    assert answer.startswith(b"HTTP/1.1 400 ") and b"<Code>RequestTimeout</Code>" in answer
+    assert 0.3 <= elapsed < 1.5
