@@ -103,7 +103,8 @@ def cache_command(args: argparse.Namespace) -> int:
             live_ratio = f"{live['hits'] / reads:.1%}" if reads else "n/a"
             print(f"running:   {live_ratio} hits of {reads} object reads since start "
                   f"({live['hits']} hit, {live['partial']} partial, {live['misses']} miss, "
-                  f"{live['bypass']} bypass; {live['evicted_blocks']} blocks evicted)")
+                  f"{live['bypass']} bypass; {live.get('fast_lane_hits', 0)} hits by the fast lane; "
+                  f"{live['evicted_blocks']} blocks evicted)")
         return 0
     if args.cache_command == "purge":
         try:
