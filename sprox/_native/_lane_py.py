@@ -367,7 +367,8 @@ class Connection(asyncio.Protocol):
                 if sent_head == len(head):
                     sent = _sendfile_now(self.sock_fd, plan.fd, plan.offset, plan.length)
             except (OSError, EOFError) as exc:
-                self._cut_short(hit, exc, 0)
+                self._cut_short(hit, exc)
+                hit.finished(0)
                 return
             if sent == plan.length:
                 hit.finished(sent)
@@ -392,17 +393,16 @@ class Connection(asyncio.Protocol):
                 self.transport.write(head)
                 sent += await self._copy(plan.fd, plan.offset, plan.length)
         except (OSError, EOFError) as exc:
-            self._cut_short(hit, exc, sent)
-            return
-        hit.finished(sent)
+            self._cut_short(hit, exc)
+        finally:  # however it ended (even cancelled): the blocks are unpinned, the hit logged
+            hit.finished(sent)
 
-    def _cut_short(self, hit, exc: Exception, sent: int) -> None:
+    def _cut_short(self, hit, exc: Exception) -> None:
         # The status line may be gone: cut the connection so a short body is an error.
         if not isinstance(exc, ConnectionError):
             log.warning("cached answer %s cut short: %s", hit.request.request_id, exc)
         if self.transport is not None:
             self.transport.abort()
-        hit.finished(sent)
 
     def _large_sent(self, task: asyncio.Task) -> None:
         self.busy = False
