@@ -204,8 +204,7 @@ class ObjectCache:
         bucket, key = request.bucket, request.key
         assert bucket is not None and key is not None
         record = self.index.get(bucket, key)
-        force = "no-cache" in request.headers.get("Cache-Control", "").lower()
-        if record is not None and (force or time.time() - record.validated_at > self.ttl):
+        if record is not None and self._stale(request, record):
             record, answer = await self._revalidate(request, record)
             if answer is not None:
                 return answer
@@ -378,23 +377,39 @@ class ObjectCache:
     # -- the known-record path -----------------------------------------------------------------
 
     @staticmethod
-    def _answer_head(request: S3Request, record: ObjectRecord, range_header: str | None
-                     ) -> tuple[int, int, int, CIMultiDict]:
-        """(status, first byte, last byte, headers) of an answer from `record`; raises
-        S3Error for a failed condition (304, 412) or an unsatisfiable range (416)."""
-        last_modified = _modified_seconds(record.last_modified)
-        conditions.check_conditions(request.headers, record.etag, last_modified)
+    def _span(request: S3Request, record: ObjectRecord, range_header: str | None
+              ) -> tuple[int, int, int, str | None]:
+        """(status, first byte, last byte, Content-Range or None) of an answer from
+        `record`; raises S3Error for a failed condition (304, 412) or an unsatisfiable
+        range (416)."""
+        conditions.check_conditions(request.headers, record.etag, _modified_seconds(record.last_modified))
         try:
             span = parse_range(range_header, record.size)
         except RangeNotSatisfiable:
             raise errors.invalid_range(record.size, range_header or "") from None
+        if span is None:
+            return 200, 0, record.size - 1, None
+        first, last = span
+        return 206, first, last, content_range(first, last, record.size)
+
+    @classmethod
+    def _answer_head(cls, request: S3Request, record: ObjectRecord, range_header: str | None
+                     ) -> tuple[int, int, int, CIMultiDict]:
+        """(status, first byte, last byte, headers) of an answer from `record`; raises
+        like `_span`."""
+        status, first, last, ranged = cls._span(request, record, range_header)
         headers = _record_headers(record)
         conditions.apply_response_overrides(request.query, headers)
-        if span is None:
-            return 200, 0, record.size - 1, headers
-        first, last = span
-        headers["Content-Range"] = content_range(first, last, record.size)
-        return 206, first, last, headers
+        if ranged is not None:
+            headers["Content-Range"] = ranged
+        return status, first, last, headers
+
+    def _stale(self, request: S3Request, record: ObjectRecord) -> bool:
+        """Whether `record` must be revalidated before it answers `request`: older than
+        --ttl, or the client asked for it (Cache-Control: no-cache)."""
+        cache_control = request.headers.get("Cache-Control")
+        forced = cache_control is not None and "no-cache" in cache_control.lower()
+        return forced or time.time() - record.validated_at > self.ttl
 
     # -- hits without waiting (the fast lane) ----------------------------------------------------
 
@@ -408,24 +423,14 @@ class ObjectCache:
         Nothing is counted until `commit_hit`: a plan may still be abandoned."""
         assert request.bucket is not None and request.key is not None
         record = self.index.get(request.bucket, request.key)
-        if record is None or time.time() - record.validated_at > self.ttl:
-            return None
-        headers = request.headers
-        cache_control = headers.get("Cache-Control")
-        if cache_control is not None and "no-cache" in cache_control.lower():
+        if record is None or self._stale(request, record):
             return None
         if request.query and any(name.startswith("response-") for name in request.query):
             return None
         try:
-            conditions.check_conditions(headers, record.etag, _modified_seconds(record.last_modified))
-            span = parse_range(headers.get("Range"), record.size)
-        except (errors.S3Error, RangeNotSatisfiable):
+            status, first, last, ranged = self._span(request, record, request.headers.get("Range"))
+        except errors.S3Error:
             return None
-        if span is None:
-            status, first, last, ranged = 200, 0, record.size - 1, None
-        else:
-            (first, last), status = span, 206
-            ranged = content_range(first, last, record.size)
         rendered = record.rendered
         if rendered is None:
             # Rendered once per record: a hit then costs no header dictionary at all.
