@@ -100,6 +100,7 @@ class LaneServer:
         self.use_sendfile = use_sendfile
         self.connections: set = set()
         self.closing = False
+        self._all_gone: asyncio.Future | None = None  # set when shutting down
         self._date = b""
         self._date_second = -1
 
@@ -118,11 +119,16 @@ class LaneServer:
         self.closing = True
         for conn in list(self.connections):
             conn.close_when_idle()
-        deadline = time.monotonic() + timeout
-        while self.connections and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)  # bounded: ends at the deadline
+        if self.connections:
+            self._all_gone = asyncio.get_running_loop().create_future()
+            await asyncio.wait([self._all_gone], timeout=timeout)
         for conn in list(self.connections):
             conn.abort()
+
+    def forget(self, conn: "Connection") -> None:
+        self.connections.discard(conn)
+        if not self.connections and self._all_gone is not None and not self._all_gone.done():
+            self._all_gone.set_result(None)
 
 
 class Connection(asyncio.Protocol):
@@ -162,7 +168,7 @@ class Connection(asyncio.Protocol):
 
     def connection_lost(self, exc) -> None:
         self.closed = True
-        self.server.connections.discard(self)
+        self.server.forget(self)
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
