@@ -394,7 +394,6 @@ class FastHit:
     body: bytes | None
     started_at: float  # epoch seconds, for the access log
     started: float  # monotonic, for the latency
-    already_sent: int = 0  # body bytes sent before the lane had to wait for the socket
 
     def finished(self, bytes_sent: int) -> None:
         self.frontend.hit_sent(self, bytes_sent)

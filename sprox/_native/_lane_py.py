@@ -360,6 +360,7 @@ class Connection(asyncio.Protocol):
             self.transport.write(head + hit.body)  # the copy path (SPROX_NO_SENDFILE=1): one write
             hit.finished(len(hit.body))
             return
+        offset, length, sent = plan.offset, plan.length, 0
         if plan.length <= SEND_NOW_MAX and self.server.use_sendfile and self.sock_fd >= 0 \
                 and self.transport.get_write_buffer_size() == 0:
             # A small answer almost always fits in the socket's buffer: send it now,
@@ -369,9 +370,8 @@ class Connection(asyncio.Protocol):
                     sent_head = os.write(self.sock_fd, head)
                 except BlockingIOError:  # the socket is full: all of it waits below
                     sent_head = 0
-                sent = 0
                 if sent_head == len(head):
-                    sent = _sendfile_now(self.sock_fd, plan.fd, plan.offset, plan.length)
+                    sent = _sendfile_now(self.sock_fd, plan.fd, offset, length)
             except (OSError, EOFError) as exc:
                 self._cut_short(hit, exc)
                 hit.finished(0)
@@ -380,24 +380,22 @@ class Connection(asyncio.Protocol):
                 hit.finished(sent)
                 return
             head = head[sent_head:]
-            plan.offset += sent
-            plan.length -= sent
-            hit.already_sent = sent
         self.busy = True
-        task = self.loop.create_task(self._send_large(hit, head))
+        task = self.loop.create_task(self._send_large(hit, head, offset + sent, length - sent, sent))
         task.add_done_callback(self._large_sent)
 
-    async def _send_large(self, hit, head: bytes) -> None:
-        plan = hit.plan
-        sent = hit.already_sent
+    async def _send_large(self, hit, head: bytes, offset: int, length: int, sent: int) -> None:
+        """Send what is left of an answer (`head`, then `length` bytes of the block file
+        from `offset`; `sent` body bytes went already), waiting for the socket."""
+        fd = hit.plan.fd
         try:
             await self._drain()
             if self.server.use_sendfile and self.sock_fd >= 0:
                 await self._send_head_direct(head)
-                sent += await self._sendfile(plan.fd, plan.offset, plan.length)
+                sent += await self._sendfile(fd, offset, length)
             else:
                 self.transport.write(head)
-                sent += await self._copy(plan.fd, plan.offset, plan.length)
+                sent += await self._copy(fd, offset, length)
         except (OSError, EOFError) as exc:
             self._cut_short(hit, exc)
         finally:  # however it ended (even cancelled): the blocks are unpinned, the hit logged
@@ -465,20 +463,13 @@ class Connection(asyncio.Protocol):
 
     async def _sendfile(self, fd: int, offset: int, count: int) -> int:
         sent = 0
-        while count > 0:
+        while True:
             if self.closed:
                 raise ConnectionResetError("client went away")
-            try:
-                n = os.sendfile(self.sock_fd, fd, offset, count)
-            except BlockingIOError:
-                await self._wait_writable()
-                continue
-            if n == 0:
-                raise EOFError("block file shorter than its index says")
-            offset += n
-            count -= n
-            sent += n
-        return sent
+            sent += _sendfile_now(self.sock_fd, fd, offset + sent, count - sent)
+            if sent == count:
+                return sent
+            await self._wait_writable()
 
     async def _copy(self, fd: int, offset: int, count: int) -> int:
         sent = 0

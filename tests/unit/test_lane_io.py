@@ -35,7 +35,7 @@ class StubFrontEnd:
     def try_hit(self, method, target, headers):
         self.asked.set()  # the lane sends the answer right after this returns
         plan = HitPlan(200, b"Content-Type: binary/octet-stream\r\n", None, len(BODY), None, self.fd, 0, ())
-        return SimpleNamespace(plan=plan, body=None, already_sent=0, request=SimpleNamespace(request_id="0" * 16),
+        return SimpleNamespace(plan=plan, body=None, request=SimpleNamespace(request_id="0" * 16),
                                finished=self.finished.append)
 
 
