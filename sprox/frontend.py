@@ -26,6 +26,7 @@ from .cache.service import OBJECT_WRITES, FileSpan, HitPlan
 from .s3 import errors, xml
 from .s3.body import RequestBody
 from .s3.request import S3Request, new_request_id, parse_request
+from .sockets import wait_writable
 from .upstream.base import Origin, OriginResponse, UpstreamBodyError
 
 log = logging.getLogger("sprox.frontend")
@@ -294,7 +295,7 @@ class FrontEnd:
             await self._copy_span(response, span)
             return
         sock = transport.get_extra_info("socket")
-        await sendfile_to_socket(sock.fileno(), span.fd, span.offset, span.length, transport)
+        await sendfile_to_socket(sock.fileno(), span.fd, span.offset, span.length)
 
     async def _copy_span(self, response: web.StreamResponse, span) -> None:
         offset, remaining = span.offset, span.length
@@ -333,53 +334,20 @@ def read_if_cached(fd: int, size: int, offset: int) -> bytes | None:
     return bytes(buffer)
 
 
-async def sendfile_to_socket(sock_fd: int, file_fd: int, offset: int, count: int, transport=None) -> None:
+async def sendfile_to_socket(sock_fd: int, file_fd: int, offset: int, count: int) -> None:
     """Send a file span on a non-blocking socket with sendfile(2), waiting for the
     socket to become writable when its buffer is full; never blocks the loop on the
     socket. (Pages not in the page cache are read by the kernel during the call.)"""
-    loop = asyncio.get_running_loop()
-    # The socket belongs to the aiohttp transport, and the public add_writer refuses
-    # a transport's descriptor; the selector loop's own registration does not. This is
-    # safe only because the caller starts with the transport's buffer empty, so the
-    # transport has no writer of its own registered that ours would displace. (The
-    # Cython fast lane will own its sockets outright.)
-    add_writer = getattr(loop, "_add_writer", None)
-    remove_writer = getattr(loop, "_remove_writer", None)
     while count > 0:
         try:
             sent = os.sendfile(sock_fd, file_fd, offset, count)
         except BlockingIOError:
-            sent = -1
+            await wait_writable(sock_fd)
+            continue
         if sent == 0:
             raise UpstreamBodyError("block file shorter than its index says")
-        if sent > 0:
-            offset += sent
-            count -= sent
-            continue
-        if add_writer is None or remove_writer is None:
-            await _sendfile_via_asyncio(transport, file_fd, offset, count)
-            return
-        writable = loop.create_future()
-        add_writer(sock_fd, lambda: writable.done() or writable.set_result(None))
-        try:
-            await writable
-        finally:
-            remove_writer(sock_fd)
-
-
-async def _sendfile_via_asyncio(transport, file_fd: int, offset: int, count: int) -> None:
-    class FdFile:  # the file-object face loop.sendfile wants
-        mode = "rb"
-
-        def fileno(self) -> int:
-            return file_fd
-
-        def seek(self, position: int, whence: int = 0) -> int:
-            return position
-
-    sent = await asyncio.get_running_loop().sendfile(transport, FdFile(), offset, count, fallback=False)
-    if sent != count:
-        raise UpstreamBodyError("block file shorter than its index says")
+        offset += sent
+        count -= sent
 
 
 @dataclass(slots=True)

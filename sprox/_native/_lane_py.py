@@ -40,6 +40,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from sprox.s3 import errors
 from sprox.s3.request import new_request_id
+from sprox.sockets import wait_writable
 
 log = logging.getLogger("sprox.lane")
 
@@ -437,18 +438,12 @@ class Connection(asyncio.Protocol):
     async def _wait_writable(self) -> None:
         if self.closed:
             raise ConnectionResetError("client went away")
-        self.waiter = writable = self.loop.create_future()
-        fd = self.sock_fd
-        # The transport has no writer registered (its buffer is empty, see _drain),
-        # so registering ours on its socket displaces nothing. (The selector loop's
-        # own method: the public add_writer refuses a transport's socket.)
-        self.loop._add_writer(fd, _set_once, writable)
+        # connection_lost ends the wait early through self.waiter.
+        self.waiter = self.loop.create_future()
         try:
-            await writable
+            await wait_writable(self.sock_fd, self.waiter)
         finally:
             self.waiter = None
-            if not self.closed:
-                self.loop._remove_writer(fd)
 
     async def _send_head_direct(self, head: bytes) -> None:
         view = memoryview(head)
@@ -620,11 +615,6 @@ def _sendfile_now(sock_fd: int, fd: int, offset: int, count: int) -> int:
             raise EOFError("block file shorter than its index says")
         sent += n
     return sent
-
-
-def _set_once(future: asyncio.Future) -> None:
-    if not future.done():
-        future.set_result(None)
 
 
 class _AiohttpLane(RequestHandler):
