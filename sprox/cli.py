@@ -8,10 +8,24 @@ import gc
 import logging
 import signal
 import sys
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
 
 from . import config as config_mod
 from ._version import __version__
 from .config import SETTINGS, Config, ConfigError
+
+
+CACHE_EPILOGUES = {
+    "verify": ". Shows progress on standard error (a bar on a terminal, plain lines otherwise). "
+              "Ctrl-C stops it with the index consistent: damaged blocks dropped so far stay dropped, "
+              "blocks not reached are checked by Sprox on first use.",
+    "warm": ". Lists the prefix (ListObjectsV2) and GETs every object whole, discarding the bytes, "
+            "with AWS credentials from the usual places (none: unsigned). Shows progress on standard "
+            "error and ends with a summary; exit status 1 if any object failed. Ctrl-C stops it "
+            "(exit status 130): reads in flight are cancelled, and since Sprox publishes a cached block "
+            "only once all its bytes are written, nothing half-written is left in the cache.",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,12 +53,42 @@ def build_parser() -> argparse.ArgumentParser:
     cache_commands = cache.add_subparsers(dest="cache_command", metavar="ACTION", required=True)
     for name, text in (("stats", "objects, blocks, bytes and hit ratio"),
                        ("purge", "drop cached objects: all, or those under s3://bucket[/prefix]"),
-                       ("verify", "check every cached block against its checksum; drop damaged ones")):
-        sub = cache_commands.add_parser(name, help=text, description=text)
-        sub.add_argument("--cache-dir", dest="cache_dir", metavar="DIR", help="[SPROX_CACHE_DIR]")
+                       ("verify", "check every cached block against its checksum; drop damaged ones"),
+                       ("warm", "read every object under s3://bucket[/prefix] through the running Sprox, "
+                                "so that it is cached")):
+        sub = cache_commands.add_parser(name, help=text, description=text + CACHE_EPILOGUES.get(name, ""))
+        where = sub.add_mutually_exclusive_group() if name == "warm" else sub
+        where.add_argument("--cache-dir", dest="cache_dir", metavar="DIR", help="[SPROX_CACHE_DIR]")
         sub.add_argument("--config", dest="config", metavar="FILE", help="[SPROX_CONFIG]")
         if name == "purge":
             sub.add_argument("target", nargs="?", metavar="s3://bucket[/prefix]")
+        if name == "warm":
+            sub.add_argument("target", metavar="s3://bucket[/prefix]")
+            where.add_argument("--endpoint", metavar="URL",
+                               help="the Sprox S3 endpoint (default: the one running on the cache directory)")
+            sub.add_argument("--concurrency", type=int, default=8, metavar="N",
+                             help="objects read at once (default 8)")
+    report = commands.add_parser(
+        "report", help="what the cache did and saved, from the access log (DataFusion)",
+        description="Hit ratios (by requests, bytes, time, bucket, prefix, client), upstream GETs and "
+                    "bytes avoided, dollars saved, latency, the most-read objects, and the hit ratio "
+                    "other cache sizes would have had on the same trace.")
+    source = report.add_mutually_exclusive_group()
+    source.add_argument("--cache-dir", dest="cache_dir", metavar="DIR",
+                        help="the cache whose logs/ to read [SPROX_CACHE_DIR]")
+    source.add_argument("--logs", metavar="PATH", help="a directory of access-log Parquet files")
+    report.add_argument("--config", dest="config", metavar="FILE", help="[SPROX_CONFIG]")
+    report.add_argument("--since", metavar="WHEN", help="ISO 8601 time (UTC unless a zone is given) or an age: "
+                        "30m, 24h, 7d")
+    report.add_argument("--until", metavar="WHEN", help="same forms as --since")
+    report.add_argument("--format", choices=("text", "json", "html"), default="text")
+    report.add_argument("--output", metavar="FILE", help="write here instead of standard output")
+    report.add_argument("--get-price", type=float, metavar="DOLLARS",
+                        help="dollars per 1,000 upstream GET requests (default 0.0004, S3 Standard)")
+    report.add_argument("--transfer-price", type=float, metavar="DOLLARS",
+                        help="dollars per GB fetched from the upstream (default 0.09, S3 transfer out)")
+    report.add_argument("--block-size", metavar="SIZE",
+                        help="block size for the what-if simulation (default: the configured one)")
     return parser
 
 
@@ -60,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "cache":
         return cache_command(args)
+    if args.command == "report":
+        return report_command(args)
     if args.command != "serve":
         parser.print_help()
         return 2
@@ -86,6 +132,8 @@ def cache_command(args: argparse.Namespace) -> int:
         print(f"sprox: error: {exc}", file=sys.stderr)
         return 2
     cache_dir = config.cache_dir or config_mod.default_cache_dir()
+    if args.cache_command == "warm":
+        return warm_command(args, cache_dir)
     if not (cache_dir / "index.sqlite").exists():
         print(f"sprox: error: --cache-dir: no cache in {str(cache_dir)!r}", file=sys.stderr)
         return 2
@@ -115,18 +163,156 @@ def cache_command(args: argparse.Namespace) -> int:
         purged = admin.purge(cache_dir, bucket, prefix)
         print(f"purged {purged} object{'' if purged == 1 else 's'}")
         return 0
+    return verify_command(cache_dir)
+
+
+def verify_command(cache_dir: Path) -> int:
+    import threading
+    import time
+
+    from .cache import admin
+    from .progress import Progress
+
+    progress = Progress("verify", "blocks")
+    stop = threading.Event()
+    started = time.monotonic()
+
+    def index_loaded(total: int) -> None:
+        progress.set_total(total)
+        progress.update(note="")
+
+    def checked(count: int, damaged: int) -> None:
+        progress.update(count, note=f"{damaged} damaged" if damaged else "")
+
+    # Ctrl-C asks the check to stop between two blocks, so the index is never left
+    # halfway through an update.
+    previous = signal.signal(signal.SIGINT, lambda *_: stop.set())
     try:
-        result = admin.verify(cache_dir)
+        progress.start(note="reading the index")
+        result = admin.verify(cache_dir, started=index_loaded, progress=checked, stop=stop.is_set)
     except admin.CacheBusy:
+        progress.close()
         print(f"sprox: error: a running Sprox uses {str(cache_dir)!r}: stop it first "
               "(Sprox re-checks blocks against their checksums after every restart)", file=sys.stderr)
         return 1
-    print(f"checked {result['checked']} blocks, dropped {result['damaged']} damaged")
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    progress.close()
+    seconds = time.monotonic() - started
+    if result["interrupted"]:
+        print(f"interrupted: checked {result['checked']} of {result['total']} blocks, dropped "
+              f"{result['damaged']} damaged in {seconds:.1f} s; the index is consistent (blocks not "
+              "reached are checked by Sprox on first use)")
+        return 130
+    print(f"checked {result['checked']} blocks, dropped {result['damaged']} damaged (in {seconds:.1f} s)")
     return 0
 
 
+def warm_command(args: argparse.Namespace, cache_dir: Path) -> int:
+    import aiohttp
+
+    from .cache import admin, warm
+    from .progress import Progress
+
+    try:
+        bucket, prefix = admin.parse_s3_url(args.target)
+        if not bucket:
+            raise ValueError(f"{args.target!r} names no bucket")
+    except ValueError as exc:
+        print(f"sprox: error: {exc}", file=sys.stderr)
+        return 2
+    if args.concurrency < 1:
+        print(f"sprox: error: --concurrency: {args.concurrency} must be at least 1", file=sys.stderr)
+        return 2
+    endpoint = args.endpoint or warm.running_endpoint(cache_dir)
+    if endpoint is None:
+        print(f"sprox: error: no Sprox is running on the cache {str(cache_dir)!r}: start one "
+              "(sprox serve --cache-dir DIR) or name its endpoint with --endpoint URL", file=sys.stderr)
+        return 1
+    progress = Progress(f"warm s3://{bucket}/{prefix}", "objects")
+    try:
+        progress.start(note="listing")
+        result = asyncio.run(warm.warm(endpoint, bucket, prefix, concurrency=args.concurrency, progress=progress,
+                                       report=progress.message, interrupt_signal=signal.SIGINT))
+    except warm.WarmError as exc:
+        progress.close()
+        print(f"sprox: error: {exc}", file=sys.stderr)
+        return 1
+    except (OSError, aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        progress.close()
+        print(f"sprox: error: cannot reach Sprox at {endpoint}: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:  # before the warm took over Ctrl-C: nothing was read
+        progress.close()
+        return 130
+    progress.close()
+    print(warm.summary(result))
+    if result.interrupted:
+        return 130
+    return 1 if result.failed else 0
+
+
+def report_command(args: argparse.Namespace) -> int:
+    from .analytics import report
+
+    try:
+        config = config_mod.load({"cache_dir": args.cache_dir, "config": args.config,
+                                  "block_size": args.block_size})
+        since = parse_when(args.since, "--since")
+        until = parse_when(args.until, "--until")
+        prices = report.Prices(*(
+            _non_negative(value, flag, default) for value, flag, default in (
+                (args.get_price, "--get-price", report.DEFAULT_GET_PRICE),
+                (args.transfer_price, "--transfer-price", report.DEFAULT_TRANSFER_PRICE))))
+    except ConfigError as exc:
+        print(f"sprox: error: {exc}", file=sys.stderr)
+        return 2
+    logs = Path(args.logs) if args.logs else config.logs_path
+    if not logs.is_dir():
+        print(f"sprox: error: {'--logs' if args.logs else '--cache-dir'}: no access log in {str(logs)!r}",
+              file=sys.stderr)
+        return 2
+    block_size = config.block_size
+    if args.block_size is None and not args.logs:  # what this cache used, when it says
+        from .cache import admin
+
+        block_size = admin.recorded_block_size(config.cache_dir or config_mod.default_cache_dir()) or block_size
+    result = report.build_report(logs, since=since, until=until, prices=prices, block_size=block_size,
+                                 cache_size=config.cache_size)
+    render = {"text": report.render_text, "json": report.to_json, "html": report.render_html}[args.format]
+    output = render(result)
+    if args.output:
+        Path(args.output).write_text(output, encoding="utf-8")
+        print(f"report written to {args.output}", file=sys.stderr)
+    else:
+        sys.stdout.write(output)
+    return 0
+
+
+def parse_when(text: str | None, flag: str) -> datetime | None:
+    """An ISO 8601 time (UTC unless it names a zone), or an age such as 30m, 24h, 7d."""
+    if text is None:
+        return None
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    if text[:-1].isdigit() and text[-1:] in units:
+        return datetime.now(timezone.utc) - timedelta(seconds=int(text[:-1]) * units[text[-1]])
+    try:
+        when = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise ConfigError(flag, f"{text!r} is neither an ISO 8601 time nor an age like 24h") from None
+    return when if when.tzinfo is not None else when.replace(tzinfo=timezone.utc)
+
+
+def _non_negative(value: float | None, flag: str, default: float) -> float:
+    if value is None:
+        return default
+    if not value >= 0:
+        raise ConfigError(flag, f"{value!r} must be 0 or more")
+    return value
+
+
 async def serve(config: Config) -> int:
-    from .server import Sprox
+    from .server import ADMIN_PREFIX, Sprox
 
     sprox = Sprox(config)
     try:
@@ -151,7 +337,9 @@ async def serve(config: Config) -> int:
              f"ttl {config.ttl:g} s, {io} I/O{', O_DIRECT' if config.direct_io else ''})"
              if config.cache_path else "off (--no-cache)")
     print(f"Sprox listening on {sprox.endpoint}\n  fronting {sprox.origin.description}\n"
-          f"  cache: {cache}\n  auth: {config.auth_mode}", flush=True)
+          f"  cache: {cache}\n  auth: {config.auth_mode}"
+          + (f"\n  admin: {sprox.admin_endpoint}{ADMIN_PREFIX} (not on the data port)"
+             if config.admin_port is not None else ""), flush=True)
     try:
         await stop.wait()
     finally:

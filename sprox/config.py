@@ -7,6 +7,7 @@ apart. Bad values raise `ConfigError` naming the setting, where it came from, an
 
 from __future__ import annotations
 
+import fnmatch
 import ipaddress
 import os
 import socket
@@ -33,10 +34,17 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class AccessKey:
-    """A key clients may sign with."""
+    """A key clients may sign with, and what it may do: `buckets` are bucket names or
+    shell-style patterns (`logs-*`), None for every bucket; `write` allows requests
+    other than GET and HEAD."""
 
     access_key: str
     secret_key: str
+    buckets: tuple[str, ...] | None = None
+    write: bool = True
+
+    def may_use(self, bucket: str) -> bool:
+        return self.buckets is None or any(fnmatch.fnmatchcase(bucket, p) for p in self.buckets)
 
 
 def default_data_dir() -> Path:
@@ -62,6 +70,7 @@ class Config:
 
     host: str = "127.0.0.1"
     port: int = 9000
+    max_connections: int = 4096
     upstream: str | None = None
     upstream_region: str | None = None
     upstream_addressing: str = "auto"
@@ -72,6 +81,8 @@ class Config:
     access_key: str | None = None
     secret_key: str | None = None
     keys: tuple[AccessKey, ...] = ()
+    admin_host: str = "127.0.0.1"
+    admin_port: int | None = None  # None: the admin routes are on the data port
     log_level: str = "info"
     config: Path | None = None
     cache_dir: Path | None = None  # None: default_cache_dir()
@@ -97,9 +108,15 @@ class Config:
     @property
     def access_keys(self) -> dict[str, str]:
         """Every key clients may sign with: access key id -> secret."""
-        merged = {k.access_key: k.secret_key for k in self.keys}
+        return {k.access_key: k.secret_key for k in self.key_rights.values()}
+
+    @property
+    def key_rights(self) -> dict[str, AccessKey]:
+        """Every key clients may sign with, by access key id. --access-key may use
+        every bucket and write."""
+        merged = {k.access_key: k for k in self.keys}
         if self.access_key:
-            merged[self.access_key] = self.secret_key or ""
+            merged[self.access_key] = AccessKey(self.access_key, self.secret_key or "")
         return merged
 
     @property
@@ -219,6 +236,8 @@ def _parse_bool(text: str) -> bool:
 SETTINGS: tuple[Setting, ...] = (
     Setting("host", "address to listen on (default 127.0.0.1)", metavar="ADDR"),
     Setting("port", "port to listen on; 0 picks a free one (default 9000)", _parse_int, metavar="PORT"),
+    Setting("max_connections", "client connections served at once; one more is answered 503 SlowDown "
+            "and closed, so clients back off and retry (default 4096)", _parse_int, metavar="N"),
     Setting("upstream", "S3 endpoint to front, e.g. https://s3.us-east-1.amazonaws.com "
             "(credentials from the standard AWS chain)", metavar="URL"),
     Setting("upstream_region", "region to sign upstream requests for (default: AWS config, "
@@ -234,7 +253,8 @@ SETTINGS: tuple[Setting, ...] = (
             "(default: sigv4 when keys are configured, else none)", choices=AUTH_MODES),
     Setting("access_key", "access key id clients sign with (sigv4)", metavar="KEY"),
     Setting("secret_key", "secret key for --access-key", metavar="SECRET", secret=True),
-    Setting("keys", "several access keys ([[keys]] tables with access_key and secret_key)",
+    Setting("keys", "several access keys ([[keys]] tables with access_key, secret_key, and "
+            "optionally buckets (names or patterns; default every bucket) and write (default true))",
             file_only=True),
     Setting("cache_dir", "where cached blocks and the cache index live (default: "
             "$XDG_CACHE_HOME/sprox, else ~/.cache/sprox)", _parse_path, metavar="DIR"),
@@ -252,6 +272,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("io_uring", "same as --io-backend uring", _parse_bool, switch=True),
     Setting("direct_io", "write cache fills and read cold blocks with O_DIRECT (aligned buffers), "
             "so filling the cache does not evict hot bytes from the page cache", _parse_bool, switch=True),
+    Setting("admin_port", "serve the admin routes (/_sprox/health, cache stats and purge) on this "
+            "port, and not on the data port; 0 picks a free one (default: on the data port)", _parse_int,
+            metavar="PORT"),
+    Setting("admin_host", "address for --admin-port (default 127.0.0.1)", metavar="ADDR"),
     Setting("log_level", "log verbosity", choices=LOG_LEVELS),
     Setting("config", "TOML configuration file", _parse_path, metavar="FILE"),
 )
@@ -285,11 +309,29 @@ def _convert_keys(raw: Any, where: str) -> tuple[AccessKey, ...]:
     if not isinstance(raw, list):
         raise ConfigError(where, "expected a list of [[keys]] tables")
     keys = []
+    fields = {"access_key", "secret_key", "buckets", "write"}
     for i, item in enumerate(raw):
-        if not isinstance(item, dict) or set(item) - {"access_key", "secret_key"} or \
-                not isinstance(item.get("access_key"), str) or not isinstance(item.get("secret_key"), str):
-            raise ConfigError(f"{where}[{i}]", "needs exactly the string fields access_key and secret_key")
-        keys.append(AccessKey(item["access_key"], item["secret_key"]))
+        here = f"{where}[{i}]"
+        if not isinstance(item, dict) or not isinstance(item.get("access_key"), str) or \
+                not isinstance(item.get("secret_key"), str) or not item["access_key"]:
+            raise ConfigError(here, "needs the string fields access_key and secret_key")
+        unknown = set(item) - fields
+        if unknown:
+            raise ConfigError(f"{here}.{sorted(unknown)[0]}", f"unknown field; a key has {', '.join(sorted(fields))}")
+        buckets = item.get("buckets")
+        if buckets is not None and (not isinstance(buckets, list) or not buckets or
+                                    not all(isinstance(b, str) and b for b in buckets)):
+            raise ConfigError(f"{here}.buckets", "expected a non-empty list of bucket names or patterns "
+                              '(["*"] for every bucket)')
+        write = item.get("write", True)
+        if not isinstance(write, bool):
+            raise ConfigError(f"{here}.write", f"{write!r} is not true or false")
+        keys.append(AccessKey(item["access_key"], item["secret_key"],
+                              None if buckets is None or "*" in buckets else tuple(buckets), write))
+    names = [k.access_key for k in keys]
+    duplicate = next((n for n in names if names.count(n) > 1), None)
+    if duplicate is not None:
+        raise ConfigError(where, f"access key {duplicate!r} is configured twice")
     return tuple(keys)
 
 
@@ -344,6 +386,8 @@ def is_loopback(host: str) -> bool:
 def _validate(c: Config) -> None:
     if not isinstance(c.port, int) or not 0 <= c.port <= 65535:
         raise ConfigError("--port", f"{c.port!r} is not a port number (0-65535)")
+    if not isinstance(c.max_connections, int) or isinstance(c.max_connections, bool) or c.max_connections < 1:
+        raise ConfigError("--max-connections", f"{c.max_connections!r} is not a positive whole number")
     if not c.host:
         raise ConfigError("--host", "must not be empty")
     if not is_loopback(c.host):
@@ -397,6 +441,11 @@ def _validate(c: Config) -> None:
         raise ConfigError("--io-backend", f"{c.io_backend!r} is not one of {', '.join(IO_BACKENDS)}")
     if c.io_uring and c.io_backend not in ("auto", "uring"):
         raise ConfigError("--io-uring", f"contradicts --io-backend {c.io_backend}")
+    if c.admin_port is not None:
+        if not 0 <= c.admin_port <= 65535:
+            raise ConfigError("--admin-port", f"{c.admin_port} is not a port number (0 to 65535)")
+        if c.admin_port == c.port and c.port != 0:
+            raise ConfigError("--admin-port", f"{c.admin_port} is the data port (--port): use another one")
     if not c.ttl >= 0:
         raise ConfigError("--ttl", f"{c.ttl!r} must be 0 or more seconds")
     if not c.list_ttl >= 0:

@@ -16,14 +16,16 @@ import errno
 import logging
 import os
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 
+import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from .analytics.accesslog import AccessRecord
 from .cache.service import OBJECT_WRITES, FileSpan, HitPlan
-from .s3 import errors, xml
+from .s3 import errors, rights, xml
 from .s3.body import RequestBody
 from .s3.request import S3Request, new_request_id, parse_request
 from .sockets import wait_writable
@@ -35,7 +37,11 @@ log = logging.getLogger("sprox.frontend")
 NO_BODY_STATUS = frozenset({204, 304})
 OBJECT_READS = frozenset({"GetObject", "HeadObject"})
 LISTINGS = frozenset({"ListObjects", "ListObjectsV2"})
-MAX_DELETE_BODY = 4 * 1024 * 1024
+# Bodies Sprox reads to check (and, for DeleteObjects, to learn the keys it deletes).
+# operation -> (root element, the item it must hold, the children it may hold)
+XML_BODIES = {"DeleteObjects": ("Delete", "Object", {"Object", "Quiet"}),
+              "CompleteMultipartUpload": ("CompleteMultipartUpload", "Part", {"Part"})}
+MAX_XML_BODY = 4 * 1024 * 1024
 COPY_CHUNK = 1024 * 1024
 
 
@@ -43,9 +49,12 @@ class FrontEnd:
     """The aiohttp handler for the S3 API."""
 
     def __init__(self, origin: Origin, *, verifier=None, domain: str | None = None, cache=None,
-                 listings=None, access_log=None) -> None:
+                 listings=None, access_log=None, key_rights: Mapping[str, rights.KeyRights] | None = None) -> None:
         self.origin = origin
         self.verifier = verifier
+        # What each key the verifier knows may do (config.Config.key_rights). Every key
+        # the verifier accepts must be here: a key missing is an error, never a pass.
+        self.key_rights = key_rights or {}
         self.domain = domain
         self.cache = cache
         self.listings = listings
@@ -60,7 +69,13 @@ class FrontEnd:
         state = _Served()
         response = await self._handle(http, request_id, state)
         if self.access_log is not None:
-            self._log_access(http, request_id, state, response.status, started_at, time.monotonic() - started)
+            first_byte = object_size = None
+            if state.request is not None and state.request.operation in OBJECT_READS:
+                first_byte, object_size = object_span(
+                    http.method, response.status, response.headers.get("Content-Range"),
+                    response.content_length)  # (a web.Response not yet sent has no header yet)
+            self._record_access(http.headers, request_id, state.request, state.bytes_sent, response.status,
+                                started_at, time.monotonic() - started, first_byte, object_size)
         if log.isEnabledFor(logging.DEBUG):
             log.debug("%s %s %s -> %d [%s]", http.remote, http.method, http.raw_path, response.status, request_id)
         return response
@@ -70,7 +85,11 @@ class FrontEnd:
             request = self.parse(http, request_id)
             state.request = request
             if self.verifier is not None:
-                request.access_key = self.verifier.verify(request)
+                verified = self.verifier.authenticate(request)
+                request.access_key = verified.access_key
+                rights.check(self.key_rights[verified.access_key], request)
+                if request.body is not None:
+                    request.body.expect_signatures(verified)
             if request.operation in OBJECT_READS and self.cache is None:
                 request.stats.cache = "BYPASS"
             elif request.operation in OBJECT_READS and self.cache is not None:
@@ -87,7 +106,8 @@ class FrontEnd:
                 cached = self.listings.get(request)
                 if cached is not None:
                     return await stream_response(http, cached, request_id, state)
-            deleted_keys = await self._before_write(request)
+            deleted_keys = await self._read_xml_body(request)
+            self._before_write(request, deleted_keys)
             request.stats.upstream_requests += 1
             response = await self.origin.send(request)
             self._after_write(request, deleted_keys)
@@ -95,18 +115,21 @@ class FrontEnd:
                 response = await self.listings.put(request, response)
         except errors.S3Error as exc:
             return error_response(exc, request_id, resource=_resource(http), head=http.method == "HEAD")
+        except (ConnectionError, aiohttp.ClientConnectionError) as exc:
+            # The client went away (mid-body, say): its own doing, and a hostile client
+            # could fill the log with tracebacks. No one reads this answer.
+            log.info("request %s: client connection lost (%s)", request_id, exc)
+            return error_response(errors.S3Error("IncompleteBody", "The connection was lost.", 400),
+                                  request_id, head=http.method == "HEAD")
         except Exception:
             log.exception("request %s failed", request_id)
             return error_response(errors.internal_error(), request_id, head=http.method == "HEAD")
         x_cache = request.stats.cache if request.operation in OBJECT_READS else None
         return await stream_response(http, response, request_id, state, x_cache=x_cache)
 
-    def _log_access(self, http: web.Request, request_id: str, state: _Served, status: int, started_at: float,
-                    seconds: float) -> None:
-        self._record_access(http.headers, request_id, state.request, state.bytes_sent, status, started_at, seconds)
-
     def _record_access(self, headers, request_id: str, request: S3Request | None, bytes_sent: int, status: int,
-                       started_at: float, seconds: float) -> None:
+                       started_at: float, seconds: float, first_byte: int | None = None,
+                       object_size: int | None = None) -> None:
         self.access_log.record(AccessRecord(
             time=started_at, request_id=request_id,
             operation=request.operation if request is not None else "Invalid",
@@ -118,6 +141,7 @@ class FrontEnd:
             upstream_bytes=request.stats.upstream_bytes if request is not None else 0,
             latency_ms=seconds * 1000.0, user_agent=headers.get("User-Agent"),
             access_key=request.access_key if request is not None else None,
+            first_byte=first_byte, object_size=object_size,
         ))
 
     # -- the fast lane: hits answered without aiohttp ----------------------------------------
@@ -137,6 +161,7 @@ class FrontEnd:
                 return None
             if self.verifier is not None:
                 request.access_key = self.verifier.verify(request)
+                rights.check(self.key_rights[request.access_key], request)
         except errors.S3Error:
             return None
         plan = cache.plan_hit(request)
@@ -158,8 +183,12 @@ class FrontEnd:
         """A fast-lane answer is finished (or its connection was lost)."""
         self.cache.release_hit(hit.plan, committed=True)
         if self.access_log is not None:
+            plan = hit.plan
+            first_byte, object_size = object_span(hit.request.method, plan.status, plan.content_range,
+                                                  plan.length)
             self._record_access(hit.request_headers, hit.request.request_id, hit.request, bytes_sent,
-                                hit.plan.status, hit.started_at, time.monotonic() - hit.started)
+                                plan.status, hit.started_at, time.monotonic() - hit.started,
+                                first_byte, object_size)
 
     def parse(self, http: web.Request, request_id: str) -> S3Request:
         request = parse_request(http.method, http.raw_path, http.headers, domain=self.domain,
@@ -178,20 +207,32 @@ class FrontEnd:
 
     # -- invalidation: a write through Sprox is seen at once --------------------------------
 
-    async def _before_write(self, request: S3Request) -> list[str]:
-        """Invalidate what a write will change; returns the keys a DeleteObjects names."""
-        if request.method in ("GET", "HEAD") or (self.cache is None and self.listings is None):
+    async def _read_xml_body(self, request: S3Request) -> list[str]:
+        """Read and check the XML body of DeleteObjects and CompleteMultipartUpload
+        (small), so a malformed one is S3's MalformedXML from Sprox whatever the origin
+        would say; returns the keys a DeleteObjects names (its writes to invalidate)."""
+        shape = XML_BODIES.get(request.operation)
+        if shape is None or (request.body is not None and request.body.aws_chunked):
             return []
-        keys: list[str] = []
-        if request.operation == "DeleteObjects" and request.body is not None and not request.body.aws_chunked:
-            # The keys are only in the body: read it (it is small), then send it on.
-            data = await request.body.read_all(MAX_DELETE_BODY)
-            keys = _keys_to_delete(data)
-            request.body = RequestBody.from_bytes(data, request.headers)
+        data = await request.body.read_all(MAX_XML_BODY) if request.body is not None else b""
+        root = xml.parse(data)  # MalformedXML (DOCTYPEs and entities refused)
+        root_name, item, allowed = shape
+        names = [xml.local_name(child.tag) for child in root]
+        # The shape S3's schema gives these bodies: the right root, and at least one item.
+        if xml.local_name(root.tag) != root_name or item not in names or not set(names) <= allowed:
+            raise errors.malformed_xml()
+        request.body = RequestBody.from_bytes(data, request.headers)
+        if request.operation != "DeleteObjects":
+            return []
+        return [key for obj in xml.children(root, "Object") if (key := xml.child_text(obj, "Key")) is not None]
+
+    def _before_write(self, request: S3Request, keys: list[str]) -> None:
+        """Invalidate what a write will change (`keys`: those a DeleteObjects names)."""
+        if request.method in ("GET", "HEAD") or (self.cache is None and self.listings is None):
+            return
         # Invalidate before the write as well as after it, so a fill that started
         # before the write cannot install the old version once the write returned.
         self._invalidate(request, keys)
-        return keys
 
     def _after_write(self, request: S3Request, keys: list[str]) -> None:
         if request.method in ("GET", "HEAD") or (self.cache is None and self.listings is None):
@@ -312,6 +353,21 @@ class FrontEnd:
             remaining -= len(chunk)
 
 
+def object_span(method: str, status: int, content_range: str | None,
+                content_length: str | int | None) -> tuple[int | None, int | None]:
+    """(first byte, object size) of an object read's answer, for the access log: from
+    `Content-Range: bytes a-b/size` on a 206, else the whole object on a 200."""
+    if status == 206 and content_range and content_range.startswith("bytes "):
+        span, _, total = content_range[6:].partition("/")
+        first = span.partition("-")[0]
+        if first.isdigit():
+            return int(first), int(total) if total.isdigit() else None
+        return None, None
+    if status == 200 and content_length is not None and str(content_length).isdigit():
+        return (0 if method == "GET" else None), int(content_length)
+    return None, None
+
+
 # Spans up to this size are read and written in one go: copying 64 KiB costs less
 # than the extra syscalls sendfile needs after the headers were written.
 SMALL_SPAN = 64 * 1024
@@ -375,19 +431,6 @@ class _Served:
     def __init__(self) -> None:
         self.request: S3Request | None = None
         self.bytes_sent = 0
-
-
-def _keys_to_delete(body: bytes) -> list[str]:
-    try:
-        root = xml.parse(body)
-    except errors.S3Error:
-        return []  # the origin will answer MalformedXML
-    keys = []
-    for obj in xml.children(root, "Object"):
-        key = xml.child_text(obj, "Key")
-        if key is not None:
-            keys.append(key)
-    return keys
 
 
 def _resource(http: web.Request) -> str:

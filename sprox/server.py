@@ -11,9 +11,11 @@ import asyncio
 import fcntl
 import logging
 import os
+import resource
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from typing import Any
 
 from aiohttp import web
@@ -29,6 +31,34 @@ ADMIN_PREFIX = "/_sprox/"
 # aiohttp's per-connection settings (no access log of its own: FrontEnd keeps one).
 HANDLER_ARGS = {"max_field_size": 16384, "max_line_size": 16384, "access_log": None}
 SHUTDOWN_SECONDS = 10.0
+# Descriptors besides one socket per client connection: upstream connections and block
+# files (each pool bounded at 256), the index, the log, the ring, lingering refusals.
+FD_RESERVE = 2048
+
+
+def raise_open_file_limit(max_connections: int) -> int:
+    """Raise the soft RLIMIT_NOFILE towards the hard limit when it is below what
+    `max_connections` needs (a socket each, and up to as many block files and upstream
+    sockets while answering, plus FD_RESERVE); never lowers it. Returns the soft limit."""
+    needed = 2 * max_connections + FD_RESERVE
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= needed:
+        return soft
+    target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+    if target > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError) as exc:
+            log.warning("could not raise the open-file limit from %d to %d: %s", soft, target, exc)
+            target = soft
+        else:
+            log.info("raised the open-file limit (RLIMIT_NOFILE) from %d to %d for --max-connections %d",
+                     soft, target, max_connections)
+    if target < needed:
+        log.warning("the open-file limit (%d, hard limit %s) is below the %d descriptors --max-connections %d "
+                    "may need: past it, new connections wait in the listen queue", target,
+                    "unlimited" if hard == resource.RLIM_INFINITY else hard, needed, max_connections)
+    return target
 
 
 def make_origin(config: Config) -> Origin:
@@ -75,12 +105,15 @@ class Sprox:
 
         self.access_log = AccessLog(self.config.logs_path)
         self.frontend = FrontEnd(self.origin, verifier=verifier, domain=self.config.domain, cache=self.cache,
-                                 listings=listings, access_log=self.access_log)
+                                 listings=listings, access_log=self.access_log,
+                                 key_rights=self.config.key_rights)
         self._runner: web.AppRunner | None = None
         self._lanes: LaneServer | None = None
         self._listener: asyncio.Server | None = None
         self._lock_fd: int | None = None
         self.port: int | None = None
+        self.admin_port: int | None = None  # with --admin-port, once listening
+        self._admin_runner: web.AppRunner | None = None
 
     @property
     def endpoint(self) -> str:
@@ -89,13 +122,41 @@ class Sprox:
             raise RuntimeError("Sprox is not started")
         return self.config.with_port(self.port).endpoint
 
+    @property
+    def admin_endpoint(self) -> str:
+        """Where the admin routes (/_sprox/...) are: the data endpoint, or --admin-port's."""
+        if self.admin_port is None:
+            return self.endpoint
+        return replace(self.config, host=self.config.admin_host, port=self.admin_port).endpoint
+
     def build_app(self) -> web.Application:
+        """The data port's application: every S3 request, and the admin routes unless
+        --admin-port moved them off it (then /_sprox/... is just an S3 request)."""
         app = web.Application(handler_args=HANDLER_ARGS)
+        if self.config.admin_port is None:
+            self._add_admin_routes(app)
+        # (?s): a key may hold a newline (%0A), and every key is an S3 request.
+        app.router.add_route("*", "/{tail:(?s:.*)}", self.frontend.handle)
+        return app
+
+    def _add_admin_routes(self, app: web.Application) -> None:
         app.router.add_get(ADMIN_PREFIX + "health", self._health)
         app.router.add_post(ADMIN_PREFIX + "cache/purge", self._purge)
         app.router.add_get(ADMIN_PREFIX + "cache/stats", self._cache_stats)
-        app.router.add_route("*", "/{tail:.*}", self.frontend.handle)
-        return app
+
+    async def _start_admin(self) -> None:
+        app = web.Application()
+        self._add_admin_routes(app)
+        self._admin_runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await self._admin_runner.setup()
+        site = web.TCPSite(self._admin_runner, self.config.admin_host, self.config.admin_port,
+                           reuse_address=True)
+        try:
+            await site.start()
+        except OSError as exc:
+            raise ConfigError("--admin-port", f"cannot listen on {self.config.admin_host}:{self.config.admin_port}: "
+                              f"{exc.strerror or exc}") from None
+        self.admin_port = site._server.sockets[0].getsockname()[1]
 
     async def _health(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "ok", "origin": self.origin.description})
@@ -150,13 +211,15 @@ class Sprox:
             await self.stop()
             raise
         try:
+            raise_open_file_limit(self.config.max_connections)
             self._runner = web.AppRunner(self.build_app(), access_log=None, handle_signals=False,
                                          shutdown_timeout=SHUTDOWN_SECONDS)
             await self._runner.setup()
             # Connections are ours (the lane answers cache hits itself); aiohttp's
             # server handles the other requests on them.
             self._lanes = LaneServer(self._runner.server, self.frontend, handler_kwargs=HANDLER_ARGS,
-                                     use_sendfile=self.frontend.use_sendfile)
+                                     use_sendfile=self.frontend.use_sendfile,
+                                     max_connections=self.config.max_connections)
             self._listener = await asyncio.get_running_loop().create_server(
                 self._lanes, self.config.host, self.config.port, reuse_address=True)
         except BaseException:
@@ -164,9 +227,17 @@ class Sprox:
             raise
         sockets = self._listener.sockets
         self.port = sockets[0].getsockname()[1] if sockets else self.config.port
+        if self.config.admin_port is not None:
+            try:
+                await self._start_admin()
+            except BaseException:
+                await self.stop()
+                raise
         if self.config.cache_path is not None:
-            # Lets `sprox cache purge` reach this process while it holds the cache lock.
+            # Lets `sprox cache purge|stats` (admin routes) and `sprox cache warm` (S3
+            # reads) reach this process while it holds the cache lock.
             (self.config.cache_path / "endpoint").write_text(self.endpoint + "\n")
+            (self.config.cache_path / "admin-endpoint").write_text(self.admin_endpoint + "\n")
 
     async def stop(self) -> None:
         """Stop accepting, let in-flight responses finish, flush the cache index,
@@ -180,6 +251,9 @@ class Sprox:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+        if self._admin_runner is not None:
+            await self._admin_runner.cleanup()
+            self._admin_runner = None
         if self.cache is not None and self._lock_fd is not None:
             await self.cache.close()
         await self.access_log.close()

@@ -21,6 +21,12 @@ Responses leave in request order: while an answer is in flight in one lane (aioh
 still handling requests it was given, or a sendfile waiting for the socket), later
 requests wait in `_queue`, and reading pauses once it holds a few.
 
+What a client can hold is bounded: a request head must be whole HEAD_SECONDS after its
+first byte, a request body may not go quiet for BODY_SECONDS (while we are reading), an
+idle connection closes after KEEPALIVE_SECONDS, and a connection beyond
+`max_connections` is answered 503 SlowDown at once and closed (so clients back off and
+retry) instead of taking a descriptor and memory like the others.
+
 This file is also the source of the compiled module (`lane.pyx` includes it), so the
 pure-Python twin and the extension cannot drift apart.
 """
@@ -51,6 +57,15 @@ MAX_HEADERS = 128
 MAX_QUEUED = 16  # parsed requests waiting for their turn before reading pauses
 KEEPALIVE_SECONDS = 75.0  # an idle connection is closed after this
 HEAD_SECONDS = 60.0  # a request's head must arrive within this
+# A request body may go this long without a byte while we are reading it (nginx's
+# client_body_timeout); the time reading is paused (the upstream, or the queue, is
+# slower than the client) is ours, not the client's, and does not count.
+BODY_SECONDS = 60.0
+# A connection over the limit gets its 503, then we read and drop whatever it sends
+# until it closes, for up to this long: closing with its request unread would reset the
+# connection, and a reset can destroy the 503 before the client reads it.
+REFUSED_LINGER_SECONDS = 2.0
+REFUSED_LINGER_MAX = 1024  # refused connections lingering at once; beyond, closed at once
 # Answers up to this size are sent within the callback that parsed their request.
 # Larger ones go through a task from the start: sending megabytes in one go from the
 # parsing callback measured slower under sustained 1 MiB load.
@@ -58,6 +73,10 @@ SEND_NOW_MAX = 256 * 1024
 _INNER_KEEPALIVE = 10.0 ** 7  # aiohttp must never close a connection on its own idea of idle
 
 _REASONS = {200: b"OK", 206: b"Partial Content"}
+_ERROR_REASONS = {400: b"Bad Request", 503: b"Slow Down"}
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"  # aiohttp's interim answer: not the start of an answer
+_TIMED_OUT = ("RequestTimeout", ("Your socket connection to the server was not read from or written to "
+                                  "within the timeout period. Idle connections will be closed."), 400)
 _FRAMING = frozenset({b"content-length", b"transfer-encoding"})
 
 
@@ -93,13 +112,18 @@ class LaneServer:
     connections that a graceful shutdown walks."""
 
     def __init__(self, aiohttp_server, frontend, *, handler_kwargs: dict | None = None,
-                 use_sendfile: bool = True) -> None:
+                 use_sendfile: bool = True, max_connections: int = 0) -> None:
         self.aiohttp_server = aiohttp_server
         self.frontend = frontend
         self.handler_kwargs = dict(handler_kwargs or {})
         self.handler_kwargs["keepalive_timeout"] = _INNER_KEEPALIVE
         self.use_sendfile = use_sendfile
-        self.connections: set = set()
+        self.max_connections = max_connections  # 0: no limit
+        self.connections: set = set()  # served connections (at most max_connections)
+        self.refused: set = set()  # connections answered 503 SlowDown, lingering until closed
+        self.refused_total = 0
+        self._refused_logged = 0  # refused_total when last logged
+        self._refused_log_at = 0.0
         self.closing = False
         self._all_gone: asyncio.Future | None = None  # set when shutting down
         self._date = b""
@@ -123,13 +147,27 @@ class LaneServer:
         if self.connections:
             self._all_gone = asyncio.get_running_loop().create_future()
             await asyncio.wait([self._all_gone], timeout=timeout)
-        for conn in list(self.connections):
+        for conn in list(self.connections) + list(self.refused):
             conn.abort()
 
     def forget(self, conn: "Connection") -> None:
+        if conn.refused:
+            self.refused.discard(conn)
+            return
         self.connections.discard(conn)
         if not self.connections and self._all_gone is not None and not self._all_gone.done():
             self._all_gone.set_result(None)
+
+    def note_refused(self) -> None:
+        """Count a refused connection; say so in the log at most once a minute."""
+        self.refused_total += 1
+        now = time.monotonic()
+        if now - self._refused_log_at >= 60.0:
+            log.warning("%d connection(s) over --max-connections %d answered 503 SlowDown%s",
+                        self.refused_total - self._refused_logged, self.max_connections,
+                        " since the last report" if self._refused_logged else "")
+            self._refused_logged = self.refused_total
+            self._refused_log_at = now
 
 
 class Connection(asyncio.Protocol):
@@ -153,19 +191,43 @@ class Connection(asyncio.Protocol):
         self.waiter: asyncio.Future | None = None  # the fast lane waiting on the socket
         self.eof = False
         self.last_active = 0.0
+        self.read_resumed = 0.0  # loop time reading last resumed (a body's quiet time starts there at the latest)
+        self.inner_wrote = False  # aiohttp wrote (part of) an answer since its last complete one
+        self.refused = False  # over the connection limit: answered 503, never served
         self.timer: asyncio.TimerHandle | None = None
 
     # -- asyncio.Protocol ----------------------------------------------------------------------
 
     def connection_made(self, transport) -> None:
         self.transport = transport
+        server = self.server
+        if server.max_connections and len(server.connections) >= server.max_connections:
+            self._refuse()
+            return
         sock = transport.get_extra_info("socket")
         self.sock_fd = sock.fileno() if sock is not None else -1
-        self.server.connections.add(self)
+        server.connections.add(self)
         self.last_active = self.loop.time()
         self.timer = self.loop.call_later(HEAD_SECONDS, self._check_idle)
-        if self.server.closing:
+        if server.closing:
             self.close_when_idle()
+
+    def _refuse(self) -> None:
+        """Over the limit: answer S3's 503 SlowDown before reading anything, so the client
+        backs off and retries, then close. The answer is sent before the request because
+        reading it would mean keeping this connection like the ones we serve."""
+        server = self.server
+        self.refused = True
+        self.fatal = errors.S3Error("SlowDown", "Please reduce your request rate.", 503)
+        server.note_refused()
+        transport = self.transport
+        transport.write(self._error_bytes(self.fatal, b"Retry-After: 1\r\n"))
+        if len(server.refused) >= REFUSED_LINGER_MAX or server.closing or not transport.can_write_eof():
+            transport.close()
+            return
+        server.refused.add(self)
+        transport.write_eof()  # the FIN follows the answer; what the client sends is read and dropped
+        self.timer = self.loop.call_later(REFUSED_LINGER_SECONDS, transport.close)
 
     def connection_lost(self, exc) -> None:
         self.closed = True
@@ -191,6 +253,8 @@ class Connection(asyncio.Protocol):
             self.inner.resume_writing()
 
     def eof_received(self):
+        if self.refused:
+            return False  # it has its 503: close
         # A client that half-closes after its last request still gets its answers; a
         # request it left incomplete never will be, so the connection closes after them.
         self.eof = True
@@ -275,6 +339,8 @@ class Connection(asyncio.Protocol):
         if not message.keep_alive:
             self.no_more = True
         self.queue.append(message)
+        if message.body_length or message.chunked:
+            self._check_within(BODY_SECONDS)  # a body is due: its quiet time is watched from now
 
     def on_body(self, body: bytes) -> None:
         message = self.current
@@ -520,6 +586,7 @@ class Connection(asyncio.Protocol):
 
     def inner_answered(self) -> None:
         self.inner_pending -= 1
+        self.inner_wrote = False
         if self.inner_pending == 0:
             # After aiohttp's own bookkeeping for this answer, not in the middle of it.
             self.loop.call_soon(self._pump)
@@ -537,6 +604,7 @@ class Connection(asyncio.Protocol):
         self.paused_by.discard(who)
         if not self.paused_by and self.transport is not None and not self.closed:
             self.transport.resume_reading()
+            self.read_resumed = self.loop.time()
 
     def _too_large(self) -> None:
         """Called from a parser callback: the error is decided here, the raise stops llhttp."""
@@ -552,33 +620,54 @@ class Connection(asyncio.Protocol):
             self.fatal = errors.S3Error("BadRequest", f"An error occurred when parsing the HTTP request: {detail}",
                                         400)
 
-    def _send_error_and_close(self, error: errors.S3Error) -> None:
+    def _error_bytes(self, error: errors.S3Error, extra: bytes = b"") -> bytes:
         request_id = new_request_id()
         body = error.to_xml(request_id)
-        head = (b"HTTP/1.1 %d Bad Request\r\n" % error.status + self.server.date_header()
+        reason = _ERROR_REASONS.get(error.status, b"Error")
+        return (b"HTTP/1.1 %d %s\r\n" % (error.status, reason) + self.server.date_header()
                 + b"Server: Sprox\r\nContent-Type: application/xml\r\nx-amz-request-id: "
-                + request_id.encode() + b"\r\nContent-Length: %d\r\nConnection: close\r\n\r\n" % len(body))
-        self.transport.write(head + body)
+                + request_id.encode() + b"\r\n" + extra
+                + b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body) + body)
+
+    def _send_error_and_close(self, error: errors.S3Error) -> None:
+        self.transport.write(self._error_bytes(error))
         self.transport.close()
+
+    def _check_within(self, delay: float) -> None:
+        """Make sure _check_idle runs within `delay` seconds."""
+        timer = self.timer
+        if timer is None or timer.when() <= self.loop.time() + delay:
+            return
+        timer.cancel()
+        self.timer = self.loop.call_later(delay, self._check_idle)
 
     def _check_idle(self) -> None:
         """Close connections that hold a request head open too long (a slow drip of
-        header bytes counts from the first byte, not the last) or sit idle too long."""
+        header bytes counts from the first byte, not the last), go quiet in the middle
+        of a request body, or sit idle too long."""
         self.timer = None
         if self.closed:
             return
         now = self.loop.time()
         current = self.current
-        if current is not None and current.buffered is None:  # a request head is arriving
+        if current is not None and current.buffered is None and not current.fed:  # a request head is arriving
             waited = now - current.begun
             if waited >= HEAD_SECONDS:
                 self.current = None
-                self.fatal = errors.S3Error(
-                    "RequestTimeout", "Your socket connection to the server was not read from or written to "
-                    "within the timeout period. Idle connections will be closed.", 400)
+                self.fatal = errors.S3Error(*_TIMED_OUT)
                 self._pump()  # answers due before it go first, then this error and the close
                 return
             self.timer = self.loop.call_later(HEAD_SECONDS - waited, self._check_idle)
+            return
+        if current is not None:  # its head is parsed: a request body is arriving
+            if self.paused_by:  # we are not reading: the wait is ours, not the client's
+                self.timer = self.loop.call_later(BODY_SECONDS, self._check_idle)
+                return
+            quiet = now - max(self.last_active, self.read_resumed)
+            if quiet >= BODY_SECONDS:
+                self._body_timed_out(current)
+                return
+            self.timer = self.loop.call_later(BODY_SECONDS - quiet, self._check_idle)
             return
         idle = now - self.last_active
         in_progress = self.busy or self.inner_pending or self.queue or current is not None
@@ -587,6 +676,27 @@ class Connection(asyncio.Protocol):
             return
         self.timer = self.loop.call_later(max(0.0, KEEPALIVE_SECONDS - idle) if not in_progress
                                           else KEEPALIVE_SECONDS, self._check_idle)
+
+    def _body_timed_out(self, message: _Message) -> None:
+        """A request body went quiet: answer 400 RequestTimeout if nothing of its answer
+        has been sent, else cut the connection; either way it is closed, and whoever was
+        reading the body (aiohttp's handler) sees it end in an error, never complete."""
+        self.current = None
+        error = errors.S3Error(*_TIMED_OUT)
+        if not message.fed:  # queued behind answers in flight: it is answered after them
+            if self.queue and self.queue[-1] is message:
+                self.queue.pop()
+            self.fatal = error
+            self._pump()
+            return
+        self.no_more = True  # the stream cannot be framed past this body: nothing after it is read
+        if self.inner_pending == 1 and not self.inner_wrote and self.transport is not None:
+            # Only this request is with aiohttp and no byte of its answer is out: the
+            # error goes first, and aiohttp's writes fail from here on (the transport
+            # is closing); the handler is cancelled when the connection is lost.
+            self._send_error_and_close(error)
+        else:
+            self.abort()
 
     def close_when_idle(self) -> None:
         self.no_more = True
@@ -638,9 +748,12 @@ class _InnerTransport(asyncio.Transport):
         self._real = lane.transport
 
     def write(self, data) -> None:
+        if data != _CONTINUE:
+            self._lane.inner_wrote = True
         self._real.write(data)
 
     def writelines(self, list_of_data) -> None:
+        self._lane.inner_wrote = True
         self._real.writelines(list_of_data)
 
     def is_closing(self) -> bool:

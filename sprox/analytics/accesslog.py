@@ -27,12 +27,17 @@ Schema (`SCHEMA`, version "1" in the schema metadata key `sprox.accesslog.versio
 | `latency_ms`        | float64               | no   | request start to the last byte sent         |
 | `user_agent`        | string                | yes  | the client's User-Agent                     |
 | `access_key`        | string                | yes  | the access key the request was signed with  |
+| `first_byte`        | int64                 | yes  | object offset of the first body byte sent (v2) |
+| `object_size`       | int64                 | yes  | the object's size, when the answer told it (v2) |
 
 The schema only grows: a new column is added at the end with a new version number;
 columns are never renamed, retyped or reordered, so reports over old and new files keep
 working (`read_access_log` fills columns an older file lacks with nulls).
 `AccessRecord.time` is float seconds since the epoch, stored rounded to the microsecond;
 `cache` is None for operations that read no object (listings, writes, deletes).
+`first_byte` and `object_size` come from the answer to an object read (Content-Range,
+else Content-Length): with them a report knows which bytes, so which cache blocks, each
+read touched. Version 1 files lack them (read as nulls).
 
 Files
 -----
@@ -89,7 +94,7 @@ import pyarrow.parquet as pq
 
 log = logging.getLogger("sprox.accesslog")
 
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"
 
 SCHEMA = pa.schema(
     [
@@ -107,6 +112,8 @@ SCHEMA = pa.schema(
         pa.field("latency_ms", pa.float64(), nullable=False),
         pa.field("user_agent", pa.string()),
         pa.field("access_key", pa.string()),
+        pa.field("first_byte", pa.int64()),
+        pa.field("object_size", pa.int64()),
     ],
     metadata={"sprox.accesslog.version": SCHEMA_VERSION},
 )
@@ -137,6 +144,8 @@ class AccessRecord(NamedTuple):
     latency_ms: float
     user_agent: str | None
     access_key: str | None
+    first_byte: int | None = None
+    object_size: int | None = None
 
 
 class AccessLog:

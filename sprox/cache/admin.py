@@ -55,6 +55,32 @@ def stats(cache_dir: Path) -> dict:
     return out
 
 
+def recorded_block_size(cache_dir: Path) -> int | None:
+    """The block size most cached objects were stored with (objects keep the block size
+    they were cached with), or None without an index or objects."""
+    index = cache_dir / "index.sqlite"
+    if not index.exists():
+        return None
+    db = sqlite3.connect(f"file:{index}?mode=ro", uri=True)
+    try:
+        row = db.execute("SELECT block_size FROM objects GROUP BY block_size "
+                         "ORDER BY count(*) DESC, block_size LIMIT 1").fetchone()
+    finally:
+        db.close()
+    return row[0] if row else None
+
+
+def admin_endpoint(cache_dir: Path) -> str:
+    """Where the admin routes of the Sprox running on `cache_dir` listen (OSError if
+    none ever started there)."""
+    return (cache_dir / "admin-endpoint").read_text().strip()
+
+
+def data_endpoint(cache_dir: Path) -> str:
+    """The S3 endpoint of the Sprox running on `cache_dir` (OSError if none started)."""
+    return (cache_dir / "endpoint").read_text().strip()
+
+
 def _live_stats(cache_dir: Path) -> dict | None:
     """Counters of the Sprox running on this directory, if one is."""
     try:
@@ -63,7 +89,7 @@ def _live_stats(cache_dir: Path) -> dict | None:
     except CacheBusy:
         pass
     try:
-        endpoint = (cache_dir / "endpoint").read_text().strip()
+        endpoint = admin_endpoint(cache_dir)
         with urllib.request.urlopen(f"{endpoint}/_sprox/cache/stats", timeout=5) as response:
             return json.load(response)
     except (OSError, ValueError):
@@ -107,7 +133,7 @@ def purge(cache_dir: Path, bucket: str | None, prefix: str) -> int:
 
 
 def _purge_running(cache_dir: Path, bucket: str | None, prefix: str) -> int:
-    endpoint = (cache_dir / "endpoint").read_text().strip()
+    endpoint = admin_endpoint(cache_dir)
     query = urllib.parse.urlencode({k: v for k, v in (("bucket", bucket), ("prefix", prefix)) if v})
     request = urllib.request.Request(f"{endpoint}/_sprox/cache/purge?{query}", method="POST")
     with urllib.request.urlopen(request, timeout=30) as response:

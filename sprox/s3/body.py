@@ -6,6 +6,7 @@ raw (the bytes on the wire) or decoded (the object's payload).
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import AsyncIterator
 from typing import Protocol
 
@@ -23,6 +24,9 @@ STREAMING_MODES = frozenset(
     {STREAMING_SIGNED, STREAMING_SIGNED_TRAILER, STREAMING_UNSIGNED_TRAILER,
      STREAMING_ECDSA, STREAMING_ECDSA_TRAILER}
 )
+# Streams whose chunks carry HMAC signatures, chained from the request's signature.
+STREAMING_HMAC_SIGNED = frozenset({STREAMING_SIGNED, STREAMING_SIGNED_TRAILER})
+_HEX_DIGITS = frozenset("0123456789abcdef")
 
 
 class ByteReader(Protocol):
@@ -53,6 +57,9 @@ class RequestBody:
         self.decoded_length = decoded_length
         self.content_encoding = content_encoding
         self.trailers: dict[str, str] = {}
+        # The request's sigv4.ChunkSignatures, set once its signature checked out:
+        # decoded() then checks every chunk's signature too.
+        self.chunk_signatures = None
         self._consumed = False
 
     @classmethod
@@ -96,21 +103,64 @@ class RequestBody:
             raise RuntimeError("request body consumed twice")
         self._consumed = True
 
+    def expect_signatures(self, verified) -> None:
+        """The request's signature (`sigv4.VerifiedRequest`) checked out: a signed
+        stream's chunks must now carry signatures chained from it."""
+        if self.content_sha256 in (STREAMING_ECDSA, STREAMING_ECDSA_TRAILER):
+            # Its chunks are signed with SigV4a, which Sprox cannot check: accepting the
+            # stream would accept chunks anyone could have changed.
+            raise errors.S3Error("NotImplemented", "SigV4a (ECDSA) streaming uploads are not supported; "
+                                 "use STREAMING-AWS4-HMAC-SHA256-PAYLOAD.", 501)
+        if self.content_sha256 in STREAMING_HMAC_SIGNED:
+            from .sigv4 import ChunkSignatures
+
+            self.chunk_signatures = ChunkSignatures(verified)
+
+    @property
+    def payload_sha256(self) -> str | None:
+        """The body's SHA-256 as the client declared it (a hex digest in
+        x-amz-content-sha256), or None for unsigned, streaming and undeclared bodies."""
+        value = self.content_sha256
+        if len(value) == 64 and not self.aws_chunked and set(value) <= _HEX_DIGITS:
+            return value
+        return None
+
     async def raw(self) -> AsyncIterator[bytes]:
-        """The bytes on the wire, unchanged."""
+        """The bytes on the wire, unchanged. A declared payload hash is checked as they
+        pass, and the last piece is held back until it matches (XAmzContentSHA256Mismatch
+        otherwise), so whoever stores or forwards the body never completes a wrong one."""
         self._claim()
+        declared = self.payload_sha256
+        digest = hashlib.sha256() if declared is not None else None
         remaining = self.raw_length
+        held = b""
         while remaining is None or remaining > 0:
             chunk = await self._reader.read(READ_SIZE if remaining is None else min(READ_SIZE, remaining))
             if not chunk:
                 break
             if remaining is not None:
                 remaining -= len(chunk)
-            yield chunk
+            if digest is None:
+                yield chunk
+                continue
+            digest.update(chunk)
+            if held:
+                yield held
+            held = chunk
         if remaining:
             raise errors.S3Error("IncompleteBody",
                                  "You did not provide the number of bytes specified by the "
                                  "Content-Length HTTP header", 400)
+        if digest is not None:
+            computed = digest.hexdigest()
+            if computed != declared:
+                raise errors.S3Error(
+                    "XAmzContentSHA256Mismatch",
+                    "The provided 'x-amz-content-sha256' header does not match what was computed.",
+                    400, extra={"ClientComputedContentSHA256": declared,
+                                "S3ComputedContentSHA256": computed})
+            if held:
+                yield held
 
     async def decoded(self) -> AsyncIterator[bytes]:
         """The payload: aws-chunked framing removed, length checked, and the declared
@@ -127,7 +177,8 @@ class RequestBody:
             from .chunked import AwsChunkedDecoder
 
             self._claim()
-            decoder = AwsChunkedDecoder(self._reader, with_trailer=self.has_trailer)
+            signatures = self.chunk_signatures if self.content_sha256 in STREAMING_HMAC_SIGNED else None
+            decoder = AwsChunkedDecoder(self._reader, with_trailer=self.has_trailer, signatures=signatures)
             pieces = decoder.__aiter__()
         else:
             pieces = self.raw()
@@ -193,6 +244,7 @@ def _int_header(headers, name: str) -> int | None:
     value = headers.get(name)
     if value is None:
         return None
-    if not value.isdigit():
+    # ASCII digits only ("²".isdigit() is true), and few enough for any real length.
+    if not (value.isascii() and value.isdigit() and len(value) <= 19):
         raise errors.invalid_argument(f"{name} must be a non-negative integer", name, value)
     return int(value)

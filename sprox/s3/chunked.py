@@ -9,13 +9,15 @@ On the wire::
 
 Everything here is read from a client, so every read is bounded: header and trailer
 lines, chunk sizes, the number of trailers, and the pieces of data handed on.
-Signatures are collected, not checked: checking them needs the request's signing key
-and seed signature, which belong to the SigV4 layer.
+Chunk signatures are checked as each chunk ends when the decoder is given the
+request's `ChunkSignatures` (signed streaming uploads to a Sprox that verifies
+SigV4); otherwise they are only collected.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import re
 from collections.abc import AsyncIterator
 
@@ -70,8 +72,11 @@ class AwsChunkedDecoder:
     """
 
     def __init__(self, reader: ByteReader, *, with_trailer: bool = False,
-                 piece_bytes: int = PIECE_BYTES, max_chunk_bytes: int = MAX_CHUNK_BYTES) -> None:
+                 piece_bytes: int = PIECE_BYTES, max_chunk_bytes: int = MAX_CHUNK_BYTES,
+                 signatures=None) -> None:
         self._reader = reader
+        # sigv4.ChunkSignatures: every chunk (and the trailer) must carry a right one.
+        self._signatures = signatures
         self._with_trailer = with_trailer
         self._piece_bytes = piece_bytes
         self._max_chunk_bytes = max_chunk_bytes
@@ -99,17 +104,28 @@ class AwsChunkedDecoder:
                 raise _malformed("chunks with and without chunk-signature are mixed")
             if signature is not None:
                 self.chunk_signatures.append(signature)
-            if size == 0:
-                break
+            digest = hashlib.sha256() if self._signatures is not None else None
             remaining = size
             while remaining:
                 piece = await self._read_exactly(min(remaining, self._piece_bytes))
                 remaining -= len(piece)
+                if digest is not None:
+                    digest.update(piece)
                 yield piece
-            if await self._read_exactly(2) != _CRLF:
+            if size and await self._read_exactly(2) != _CRLF:
                 raise _malformed("chunk data is not followed by CRLF")
+            if digest is not None:
+                # Checked once the chunk is whole. Its earlier pieces were already handed
+                # on; RequestBody.decoded() holds the body's last piece back until the
+                # decoder has finished, so a consumer never completes an upload whose
+                # signatures fail.
+                self._signatures.check_chunk(signature, digest.hexdigest())
+            if size == 0:
+                break
         if self._with_trailer:
             await self._read_trailers()
+            if self._signatures is not None:
+                self._signatures.check_trailer(self.trailer_signature, self.trailers)
         else:
             line = await self._read_line()
             if line is None:

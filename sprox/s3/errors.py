@@ -6,7 +6,22 @@ here); the server turns it into the XML body S3 itself would send, with a reques
 
 from __future__ import annotations
 
-from xml.sax.saxutils import escape
+import re
+from xml.sax.saxutils import escape as _escape_markup
+
+# Characters XML 1.0 cannot carry in any form, not even as a character reference
+# (`&#x1;` is as fatal to a parser as a raw 0x01). An error echoes client input (a key
+# in <Key>, a header value in <ArgumentValue>, where aiohttp leaves undecodable bytes
+# as lone surrogates), and one such character there would make the whole body
+# unreadable, or unencodable: the client would lose the error code along with it.
+_NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff\ud800-\udfff]")
+
+
+def _text(value: str) -> str:
+    """`value` as element text that every XML parser reads: markup escaped, a carriage
+    return as a reference (a parser would turn a raw one into a newline), characters XML
+    cannot hold replaced by U+FFFD."""
+    return _escape_markup(_NOT_XML.sub("\ufffd", value), {"\r": "&#13;"})
 
 
 class S3Error(Exception):
@@ -35,14 +50,14 @@ class S3Error(Exception):
     def to_xml(self, request_id: str) -> bytes:
         parts = [
             '<?xml version="1.0" encoding="UTF-8"?>\n<Error>',
-            f"<Code>{escape(self.code)}</Code>",
-            f"<Message>{escape(self.message)}</Message>",
+            f"<Code>{_text(self.code)}</Code>",
+            f"<Message>{_text(self.message)}</Message>",
         ]
         for name, value in self.extra.items():
-            parts.append(f"<{name}>{escape(value)}</{name}>")
+            parts.append(f"<{name}>{_text(value)}</{name}>")
         if self.resource is not None:
-            parts.append(f"<Resource>{escape(self.resource)}</Resource>")
-        parts.append(f"<RequestId>{escape(request_id)}</RequestId>")
+            parts.append(f"<Resource>{_text(self.resource)}</Resource>")
+        parts.append(f"<RequestId>{_text(request_id)}</RequestId>")
         parts.append("</Error>")
         return "".join(parts).encode()
 

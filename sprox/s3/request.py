@@ -103,7 +103,12 @@ def split_target(target: str) -> tuple[str, str]:
     """Split a request target into (raw path, raw query); absolute-form targets
     (`http://host/path`) keep only their path: the host in them is never used."""
     if not target.startswith("/"):
-        parts = urlsplit(target)
+        try:
+            parts = urlsplit(target)
+        except ValueError:
+            # urlsplit refuses some authorities outright ("http://[x/", names that
+            # change under NFKC normalisation): an unparsable URI, not a server error.
+            raise errors.S3Error("InvalidURI", "Couldn't parse the specified URI.", 400) from None
         if not parts.scheme or not parts.netloc:
             raise errors.S3Error("InvalidURI", "Couldn't parse the specified URI.", 400)
         return parts.path or "/", parts.query
@@ -144,6 +149,14 @@ def parse_request(
 
     Raises `S3Error` for targets S3 would reject (bad UTF-8, invalid bucket names,
     over-long keys)."""
+    if not target.isascii():
+        # Off the wire a target is ASCII (the lane refuses anything else), but a caller
+        # may hand over any str: one with lone surrogates would become a key or query
+        # value that cannot be encoded, and fail far from here.
+        try:
+            target.encode("utf-8")
+        except UnicodeEncodeError:
+            raise errors.S3Error("InvalidURI", "Couldn't parse the specified URI.", 400) from None
     raw_path, raw_query = split_target(target)
     query = parse_query(raw_query)
     path = _decode(raw_path, "path")

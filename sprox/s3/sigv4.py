@@ -14,7 +14,10 @@ What S3 does, and so what this module does:
 - Any region in the credential scope is accepted (clients pick their own region);
   the service must be `s3`.
 - The payload hash is whatever the client put in `x-amz-content-sha256`; whether the
-  body matches it is checked by whoever reads the body, not here.
+  body matches it is checked by whoever reads the body (`RequestBody`), not here.
+- A streaming upload (`STREAMING-AWS4-HMAC-SHA256-PAYLOAD[-TRAILER]`) signs each
+  chunk, chained from the request's own signature: `ChunkSignatures` checks them as
+  the body is read.
 - Every `x-amz-*` header the request carries must be signed, or a client's signed
   request could be extended by anyone on the path with headers Sprox then acts on.
 
@@ -106,6 +109,47 @@ class VerifiedRequest:
     signature: str
     presigned: bool
     signing_key: bytes = field(repr=False)
+
+
+class ChunkSignatures:
+    """The chained signatures of a signed streaming upload, checked chunk by chunk.
+
+    Each chunk's signature covers its data and the signature before it, starting from
+    the request's (seed) signature, so no chunk can be altered, dropped, reordered or
+    added, and the final (empty) chunk and the signed trailer end the chain. Raises
+    SignatureDoesNotMatch (403), as S3 does, at the first signature that is wrong or
+    missing."""
+
+    __slots__ = ("_key", "_chunk_prefix", "_trailer_prefix", "previous")
+
+    def __init__(self, verified: VerifiedRequest) -> None:
+        self._key = verified.signing_key
+        head = f"{verified.timestamp}\n{verified.scope}\n"
+        self._chunk_prefix = f"{ALGORITHM}-PAYLOAD\n{head}"
+        self._trailer_prefix = f"{ALGORITHM}-TRAILER\n{head}"
+        self.previous = verified.signature
+
+    def check_chunk(self, provided: str | None, data_sha256: str) -> None:
+        """`data_sha256`: the hex SHA-256 of the chunk's data (of b"" for the final chunk)."""
+        self._check(f"{self._chunk_prefix}{self.previous}\n{_EMPTY_SHA256}\n{data_sha256}", provided)
+
+    def check_trailer(self, provided: str | None, trailers: Mapping[str, str]) -> None:
+        """The trailer's signature, over `name:value\\n` for each trailer as sent."""
+        canonical = "".join(f"{name}:{value}\n" for name, value in trailers.items())
+        digest = hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+        self._check(f"{self._trailer_prefix}{self.previous}\n{digest}", provided)
+
+    def _check(self, to_sign: str, provided: str | None) -> None:
+        expected = hmac.new(self._key, to_sign.encode("utf-8"), hashlib.sha256).hexdigest()
+        if provided is None or not hmac.compare_digest(expected.encode(), provided.encode("utf-8", "replace")):
+            raise S3Error("SignatureDoesNotMatch",
+                          "The request signature we calculated does not match the signature you "
+                          "provided. Check your key and signing method.", 403,
+                          extra={"StringToSign": to_sign, "SignatureProvided": provided or ""})
+        self.previous = expected
+
+
+_EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 
 
 # --- errors -----------------------------------------------------------------------

@@ -51,3 +51,13 @@ def test_query_and_key_are_forwarded_exactly(start_sprox, tmp_path, upstream):
     raw(proc.endpoint, "GET", "/bkt/a/../b%20c?response-content-type=text%2Fplain&X-Amz-Signature=zz")
     (seen,) = upstream.seen
     assert seen.target == "/bkt/a/%2E%2E/b%20c?response-content-type=text%2Fplain"
+
+
+def test_connect_and_upgrade_requests_reach_nowhere(start_sprox, tmp_path, upstream):
+    proc = start_sprox(tmp_path, "--upstream", upstream.endpoint, "--no-cache")
+    status, _, body = raw(proc.endpoint, "CONNECT", "169.254.169.254:80", {"Host": "169.254.169.254:80"})
+    assert status == 400 and b"<Code>InvalidRequest</Code>" in body
+    status, _, body = raw(proc.endpoint, "GET", "/bkt/key", {"Connection": "Upgrade", "Upgrade": "websocket"})
+    assert status == 400 and b"<Code>InvalidRequest</Code>" in body
+    assert upstream.seen == []
+    assert raw(proc.endpoint, "GET", "/bkt/key")[0] == 200  # and Sprox still serves

@@ -351,6 +351,43 @@ def test_answers_before_a_malformed_request_are_still_sent(lane):
     assert bad.status == 400
 
 
+# -- a request body that goes quiet ----------------------------------------------------------------
+
+@pytest.mark.parametrize("module", ["sprox._native._lane_py", "sprox._native.lane"], ids=["twin", "compiled"])
+def test_an_upload_that_goes_quiet_is_answered_request_timeout_and_not_stored(tmp_path, monkeypatch, module):
+    """A PUT that stops sending in the middle of its body: 400 RequestTimeout once the
+    body has been quiet for BODY_SECONDS (shortened here, so Sprox runs in-process, on
+    a thread, with the lane chosen by the test), and no object, whole or short, in the
+    origin. (The lane-level cases are in tests/unit/test_lane_io.py.)"""
+    import importlib
+
+    import sprox.server
+    from sprox import run_in_thread
+
+    if module == "sprox._native.lane" and os.environ.get("SPROX_NO_EXTENSIONS") == "1":
+        pytest.skip("extensions disabled")
+    lane_module = importlib.import_module(module)
+    monkeypatch.setattr(lane_module, "BODY_SECONDS", 0.5)
+    monkeypatch.setattr(sprox.server, "LaneServer", lane_module.LaneServer)
+    origin = tmp_path / "origin"
+    (origin / "quiet").mkdir(parents=True)
+    with run_in_thread(origin_dir=origin, cache_dir=tmp_path / "cache") as running:
+        with socket.create_connection(("127.0.0.1", running.port), timeout=TIMEOUT) as sock:
+            sock.sendall(b"PUT /quiet/half HTTP/1.1\r\nHost: x\r\nContent-Length: 1048576\r\n\r\n" + b"h" * 300_000)
+            started = time.monotonic()
+            answer = b""
+            while piece := sock.recv(65536):
+                answer += piece
+            elapsed = time.monotonic() - started
+        with Client(running.port) as client:
+            client.send(b"GET /quiet/half HTTP/1.1\r\nHost: x\r\n\r\n")
+            read_back = client.response()
+    assert answer.startswith(b"HTTP/1.1 400 ") and b"<Code>RequestTimeout</Code>" in answer, answer[:300]
+    assert 0.5 <= elapsed < 5
+    assert read_back.status == 404 and b"<Code>NoSuchKey</Code>" in read_back.body
+    assert not (origin / "quiet" / "half").exists()
+
+
 # -- fuzzing: whatever arrives, each answer is whole and the server stays up -----------------------
 
 from hypothesis import HealthCheck, given, settings  # noqa: E402

@@ -107,7 +107,7 @@ def read_back(directory: Path) -> list[dict]:
 def test_record_fields_are_the_schema_columns_in_order():
     assert AccessRecord._fields == tuple(SCHEMA.names)
     assert SCHEMA.field("time").type == pa.timestamp("us", tz="UTC")
-    assert SCHEMA.metadata == {b"sprox.accesslog.version": b"1"}
+    assert SCHEMA.metadata == {b"sprox.accesslog.version": b"2"}
     required = {f.name for f in SCHEMA if not f.nullable}
     assert required == {"time", "request_id", "operation", "status", "bytes_sent",
                         "upstream_requests", "upstream_bytes", "latency_ms"}
@@ -554,3 +554,14 @@ def test_many_records_keep_their_order(tmp_path):
     assert len(names(tmp_path)) > 1
     table = read_access_log(tmp_path)
     assert table.column("request_id").to_pylist() == [f"req-{i:04d}" for i in range(count)]
+
+
+def test_version_1_files_read_with_the_new_columns_null(tmp_path: Path):
+    v1 = pa.schema([f for f in SCHEMA if f.name not in ("first_byte", "object_size")],
+                   metadata={"sprox.accesslog.version": "1"})
+    row = dict(time=datetime(2026, 1, 1, tzinfo=timezone.utc), request_id="r",
+               operation="GetObject", bucket="b", key="k", range=None, status=200, bytes_sent=5, cache="HIT",
+               upstream_requests=0, upstream_bytes=0, latency_ms=1.0, user_agent=None, access_key=None)
+    pq.write_table(pa.Table.from_pylist([row], schema=v1), tmp_path / "access-20260101T000000Z-1-000001.parquet")
+    (got,) = read_back(tmp_path)
+    assert got["bytes_sent"] == 5 and got["first_byte"] is None and got["object_size"] is None

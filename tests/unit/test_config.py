@@ -34,6 +34,45 @@ def test_several_keys_from_file_turn_on_sigv4(tmp_path: Path):
     assert c.access_keys == {"a1": "s1", "a2": "s2"} and c.auth_mode == "sigv4"
 
 
+def test_keys_carry_their_buckets_and_write_right(tmp_path: Path):
+    cfg = tmp_path / "sprox.toml"
+    cfg.write_text('[[keys]]\naccess_key = "r"\nsecret_key = "s"\nbuckets = ["data", "logs-*"]\nwrite = false\n'
+                   '[[keys]]\naccess_key = "w"\nsecret_key = "s"\nbuckets = ["*"]\n')
+    c = load({"config": str(cfg), "access_key": "flag", "secret_key": "fs"}, environ={})
+    reader, writer, flag = c.key_rights["r"], c.key_rights["w"], c.key_rights["flag"]
+    assert (reader.buckets, reader.write) == (("data", "logs-*"), False)
+    assert reader.may_use("data") and reader.may_use("logs-2024") and not reader.may_use("database")
+    assert (writer.buckets, writer.write) == (None, True) and writer.may_use("anything")
+    assert (flag.buckets, flag.write) == (None, True)  # --access-key may do everything
+
+
+@pytest.mark.parametrize("table,named", [
+    ('buckets = "data"', "keys[0].buckets"),
+    ("buckets = []", "keys[0].buckets"),
+    ('write = "no"', "keys[0].write"),
+    ('colour = "blue"', "keys[0].colour"),
+])
+def test_bad_key_tables_name_the_field(tmp_path: Path, table: str, named: str):
+    cfg = tmp_path / "sprox.toml"
+    cfg.write_text(f'[[keys]]\naccess_key = "a"\nsecret_key = "s"\n{table}\n')
+    with pytest.raises(ConfigError, match=named.replace("[", r"\[").replace("]", r"\]")):
+        load({"config": str(cfg)}, environ={})
+
+
+def test_a_key_configured_twice_is_refused(tmp_path: Path):
+    cfg = tmp_path / "sprox.toml"
+    cfg.write_text('[[keys]]\naccess_key = "a"\nsecret_key = "s"\n' * 2)
+    with pytest.raises(ConfigError, match="configured twice"):
+        load({"config": str(cfg)}, environ={})
+
+
+@pytest.mark.parametrize("flags", [{"admin_port": "70000"}, {"admin_port": "x"},
+                                   {"admin_port": "9000", "port": "9000"}])
+def test_bad_admin_ports_are_named(flags):
+    with pytest.raises(ConfigError, match="--admin-port"):
+        load(flags, environ={})
+
+
 BAD = [
     # (flags, env, setting named in the message)
     ({"port": "abc"}, {}, "--port"),
@@ -120,3 +159,47 @@ def test_cli_refuses_an_impossible_explicit_uring(tmp_path):
                              "--origin-dir", str(tmp_path / "o"), "--cache-dir", str(tmp_path / "c")],
                             capture_output=True, text=True, timeout=60, env=env)
     assert result.returncode == 2 and "--io-backend" in result.stderr
+
+
+def test_max_connections_from_flag_env_and_file(tmp_path: Path):
+    assert load({}, environ={}).max_connections == 4096
+    cfg = tmp_path / "sprox.toml"
+    cfg.write_text("max_connections = 300\n")
+    assert load({"config": str(cfg)}, environ={}).max_connections == 300
+    assert load({"config": str(cfg)}, environ={"SPROX_MAX_CONNECTIONS": "200"}).max_connections == 200
+    assert load({"max_connections": "100"}, environ={"SPROX_MAX_CONNECTIONS": "200"}).max_connections == 100
+
+
+@pytest.mark.parametrize("flags,env,named", [
+    ({"max_connections": "0"}, {}, "--max-connections"),
+    ({"max_connections": "-5"}, {}, "--max-connections"),
+    ({"max_connections": "many"}, {}, "--max-connections"),
+    ({"max_connections": "1.5"}, {}, "--max-connections"),
+    ({}, {"SPROX_MAX_CONNECTIONS": "lots"}, "SPROX_MAX_CONNECTIONS"),
+])
+def test_max_connections_must_be_a_positive_whole_number(flags, env, named):
+    with pytest.raises(ConfigError) as info:
+        load(flags, environ=env)
+    assert named in str(info.value)
+    with pytest.raises(ConfigError, match="--max-connections"):
+        Config(max_connections=True)  # embedding code: a bool is not a count
+
+
+def test_start_up_raises_the_open_file_limit_for_max_connections():
+    """In a child process (limits are per process): a soft limit below what
+    --max-connections needs is raised towards the hard limit, and never lowered."""
+    script = """
+import logging, resource, sys
+from sprox.server import raise_open_file_limit, FD_RESERVE
+logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(message)s")
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+got = raise_open_file_limit(500)
+want = 2 * 500 + FD_RESERVE if hard == resource.RLIM_INFINITY else min(2 * 500 + FD_RESERVE, hard)
+assert got == want == resource.getrlimit(resource.RLIMIT_NOFILE)[0], (got, want)
+assert raise_open_file_limit(1) == want  # enough already: unchanged, never lowered
+print("ok")
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "raised the open-file limit (RLIMIT_NOFILE) from 256" in result.stdout and result.stdout.endswith("ok\n")

@@ -1,7 +1,8 @@
-"""The fast lane's sending, on a real socket pair in-process: a socket that is full
-exactly when an answer's headers are due must make the lane wait, not cut the
-connection. (End to end, only the load test met this moment, and only sometimes.)
-Runs on the compiled lane and on its twin."""
+"""The lane in-process, on real sockets: a socket that is full exactly when an answer's
+headers are due must make the lane wait, not cut the connection (end to end, only the
+load test met this moment, and only sometimes); the timeouts on request heads and
+bodies; and the connection limit. Runs on the compiled lane and on its twin, with the
+timeouts shortened by patching the module's constants."""
 
 from __future__ import annotations
 
@@ -12,8 +13,10 @@ import socket
 from types import SimpleNamespace
 
 import pytest
+from aiohttp import web
 
 from sprox.cache.service import HitPlan
+from sprox.server import HANDLER_ARGS
 
 LANES = ["sprox._native._lane_py"]
 if os.environ.get("SPROX_NO_EXTENSIONS") != "1":
@@ -129,3 +132,293 @@ def test_a_request_head_dripping_in_is_timed_out_from_its_first_byte(module, mon
         client_sock.close()
     assert answer.startswith(b"HTTP/1.1 400 ") and b"<Code>RequestTimeout</Code>" in answer
     assert 0.3 <= elapsed < 1.5
+
+
+# -- request bodies that go quiet --------------------------------------------------------------
+
+
+class NoHits:
+    """A front end whose cache holds nothing: every request goes to aiohttp."""
+
+    use_sendfile = True
+
+    def try_hit(self, method, target, headers):
+        return None
+
+
+class BodyReader:
+    """An aiohttp app reading request bodies: PUT reads the whole body and answers its
+    length; POST answers 403 at once without reading it. Records how each read ended."""
+
+    def __init__(self) -> None:
+        self.outcomes: list[str] = []
+        self.done = asyncio.Event()
+
+    async def put(self, request: web.Request) -> web.Response:
+        try:
+            body = await request.read()
+        except Exception as exc:  # what a handler streaming the body upstream would see
+            self.outcomes.append(f"error {type(exc).__name__}")
+            raise
+        finally:
+            self.done.set()
+        self.outcomes.append(f"read {len(body)}")
+        return web.Response(text=str(len(body)))
+
+    async def post(self, request: web.Request) -> web.Response:
+        return web.Response(status=403, text="no")
+
+
+async def _serve(lane, frontend, aiohttp_server=None):
+    """A LaneServer on 127.0.0.1 (a real TCP listener); returns (lanes, listener, port)."""
+    lanes = lane.LaneServer(aiohttp_server, frontend, handler_kwargs=HANDLER_ARGS)
+    listener = await asyncio.get_running_loop().create_server(lanes, "127.0.0.1", 0)
+    return lanes, listener, listener.sockets[0].getsockname()[1]
+
+
+async def _body_app(app_state: BodyReader) -> web.AppRunner:
+    app = web.Application()
+    app.router.add_put("/{tail:.*}", app_state.put)
+    app.router.add_post("/{tail:.*}", app_state.post)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    return runner
+
+
+async def _read_until_closed(reader: asyncio.StreamReader, seconds: float) -> bytes:
+    received = b""
+    async with asyncio.timeout(seconds):
+        while True:
+            try:
+                piece = await reader.read(65536)
+            except ConnectionResetError:
+                return received + b"<reset>"
+            if not piece:
+                return received
+            received += piece
+
+
+@pytest.mark.parametrize("expect", [False, True], ids=["plain", "100-continue"])
+@pytest.mark.parametrize("module", LANES)
+def test_a_body_that_goes_quiet_gets_request_timeout_and_the_reader_an_error(module, expect, monkeypatch):
+    """PUT with Content-Length 1000, 100 bytes, then nothing: after BODY_SECONDS of
+    quiet the client gets S3's 400 RequestTimeout and the connection closes; the
+    handler reading the body sees an error, never a short body. An interim
+    `100 Continue` (what boto3 waits for before sending a PUT's body) is not the start
+    of an answer: the 400 still follows it."""
+    lane = importlib.import_module(module)
+    monkeypatch.setattr(lane, "BODY_SECONDS", 0.3)
+    state = BodyReader()
+
+    async def run() -> tuple[bytes, float]:
+        runner = await _body_app(state)
+        lanes, listener, port = await _serve(lane, NoHits(), runner.server)
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            started = asyncio.get_running_loop().time()
+            head = b"PUT /b/k HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n"
+            if expect:
+                writer.write(head + b"Expect: 100-continue\r\n\r\n")
+                async with asyncio.timeout(5):
+                    assert await reader.readuntil(b"\r\n\r\n") == b"HTTP/1.1 100 Continue\r\n\r\n"
+                writer.write(b"x" * 100)
+            else:
+                writer.write(head + b"\r\n" + b"x" * 100)
+            answer = await _read_until_closed(reader, 5)
+            elapsed = asyncio.get_running_loop().time() - started
+            writer.close()
+            async with asyncio.timeout(5):
+                await state.done.wait()
+            return answer, elapsed
+        finally:
+            listener.close()
+            await lanes.shutdown(1.0)
+            await runner.cleanup()
+
+    answer, elapsed = asyncio.run(run())
+    assert answer.startswith(b"HTTP/1.1 400 Bad Request\r\n"), answer[:200]
+    assert b"<Code>RequestTimeout</Code>" in answer and b"Connection: close\r\n" in answer
+    assert answer.count(b"HTTP/1.1 ") == 1 and not answer.endswith(b"<reset>")  # nothing from aiohttp after it
+    assert 0.3 <= elapsed < 2.0
+    assert state.outcomes and state.outcomes[0].startswith("error"), state.outcomes
+
+
+@pytest.mark.parametrize("module", LANES)
+def test_a_slow_steady_body_is_not_timed_out(module, monkeypatch):
+    """A body arriving a piece every 0.1 s for 0.8 s: longer than both the head and
+    the body timeouts (0.3 s each), never quiet for long, so it goes through whole."""
+    lane = importlib.import_module(module)
+    monkeypatch.setattr(lane, "BODY_SECONDS", 0.3)
+    monkeypatch.setattr(lane, "HEAD_SECONDS", 0.3)
+    state = BodyReader()
+
+    async def run() -> bytes:
+        runner = await _body_app(state)
+        lanes, listener, port = await _serve(lane, NoHits(), runner.server)
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"PUT /b/k HTTP/1.1\r\nHost: x\r\nContent-Length: 800\r\nConnection: close\r\n\r\n")
+            for _ in range(8):
+                await asyncio.sleep(0.1)  # the pace of a slow client, not a wait for a condition
+                writer.write(b"y" * 100)
+            answer = await _read_until_closed(reader, 5)
+            writer.close()
+            return answer
+        finally:
+            listener.close()
+            await lanes.shutdown(1.0)
+            await runner.cleanup()
+
+    answer = asyncio.run(run())
+    assert answer.startswith(b"HTTP/1.1 200 OK\r\n") and answer.endswith(b"\r\n\r\n800"), answer[:300]
+    assert state.outcomes == ["read 800"]
+
+
+@pytest.mark.parametrize("module", LANES)
+def test_a_quiet_body_after_an_early_answer_cuts_the_connection(module, monkeypatch):
+    """The handler answered (403) without reading the body; the body then goes quiet:
+    the answer is whole, and the connection is closed (no second answer)."""
+    lane = importlib.import_module(module)
+    monkeypatch.setattr(lane, "BODY_SECONDS", 0.3)
+    state = BodyReader()
+
+    async def run() -> tuple[bytes, float]:
+        runner = await _body_app(state)
+        lanes, listener, port = await _serve(lane, NoHits(), runner.server)
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            started = asyncio.get_running_loop().time()
+            writer.write(b"POST /b/k HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n" + b"x" * 100)
+            answer = await _read_until_closed(reader, 5)
+            writer.close()
+            return answer, asyncio.get_running_loop().time() - started
+        finally:
+            listener.close()
+            await lanes.shutdown(1.0)
+            await runner.cleanup()
+
+    answer, elapsed = asyncio.run(run())
+    assert answer.startswith(b"HTTP/1.1 403 Forbidden\r\n") and answer.count(b"HTTP/1.1 ") == 1, answer[:300]
+    assert answer.removesuffix(b"<reset>").endswith(b"\r\n\r\nno")
+    assert elapsed < 2.0
+
+
+@pytest.mark.parametrize("module", LANES)
+def test_a_body_quiet_behind_an_answer_in_flight_is_answered_after_it(module, tmp_path, monkeypatch):
+    """A PUT whose head arrives while a hit is still being sent (the socket is full),
+    then no body: it never reaches aiohttp; after BODY_SECONDS it is dropped, and the
+    client gets the hit whole, then 400 RequestTimeout, then the close."""
+    lane = importlib.import_module(module)
+    monkeypatch.setattr(lane, "BODY_SECONDS", 0.3)
+    path = tmp_path / "body"
+    path.write_bytes(BODY)
+    fd = os.open(path, os.O_RDONLY)
+    server_sock, client_sock = socket.socketpair()
+
+    class HitsForGet(StubFrontEnd):
+        def try_hit(self, method, target, headers):
+            return super().try_hit(method, target, headers) if method == "GET" else None
+
+    try:
+        server_sock.setblocking(False)
+        filler = 0
+        for size in (65536, 4096, 256, 1):
+            while True:
+                try:
+                    filler += server_sock.send(b"f" * size)
+                except BlockingIOError:
+                    break
+
+        async def run() -> bytes:
+            loop = asyncio.get_running_loop()
+            frontend = HitsForGet(fd)
+            server = lane.LaneServer(None, frontend)  # no aiohttp: the PUT must never be handed on
+            await loop.connect_accepted_socket(server, sock=server_sock)
+            client_sock.setblocking(False)
+            await loop.sock_sendall(client_sock, b"GET /b/k HTTP/1.1\r\nHost: x\r\n\r\n"
+                                                 b"PUT /b/k HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n")
+            await frontend.asked.wait()
+            conn = next(iter(server.connections))
+            deadline = loop.time() + 5
+            while conn.fatal is None:  # the PUT's body timed out while the hit waits for the socket
+                assert loop.time() < deadline, "the quiet body was never timed out"
+                await asyncio.sleep(0.02)
+            received = bytearray()
+            while piece := await asyncio.wait_for(loop.sock_recv(client_sock, 65536), 5):
+                received += piece
+            await server.shutdown(1.0)
+            return bytes(received[filler:])
+
+        answer = asyncio.run(run())
+    finally:
+        client_sock.close()
+        os.close(fd)
+    head, _, rest = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 OK\r\n") and rest[:len(BODY)] == BODY
+    error = rest[len(BODY):]
+    assert error.startswith(b"HTTP/1.1 400 Bad Request\r\n") and b"<Code>RequestTimeout</Code>" in error
+
+
+# -- the connection limit ------------------------------------------------------------------------
+
+async def _answer(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes]:
+    async with asyncio.timeout(5):
+        head = await reader.readuntil(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:] if line)}
+        body = await reader.readexactly(int(headers.get("content-length", "0")))
+    return int(lines[0].split()[1]), headers, body
+
+
+@pytest.mark.parametrize("module", LANES)
+def test_a_connection_over_the_limit_gets_slow_down_at_once(module, tmp_path):
+    lane = importlib.import_module(module)
+    path = tmp_path / "body"
+    path.write_bytes(BODY)
+    fd = os.open(path, os.O_RDONLY)
+    request = b"GET /b/k HTTP/1.1\r\nHost: x\r\n\r\n"
+
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        lanes = lane.LaneServer(None, StubFrontEnd(fd), max_connections=2)
+        listener = await loop.create_server(lanes, "127.0.0.1", 0)
+        port = listener.sockets[0].getsockname()[1]
+        try:
+            served = [await asyncio.open_connection("127.0.0.1", port) for _ in range(2)]
+            for reader, writer in served:
+                writer.write(request)
+                status, _, body = await _answer(reader)
+                assert status == 200 and body == BODY
+            # The third: the 503 comes before it sends anything.
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            status, headers, body = await _answer(reader)
+            assert status == 503 and b"<Code>SlowDown</Code>" in body
+            assert b"<Message>Please reduce your request rate.</Message>" in body and b"<RequestId>" in body
+            assert headers["connection"] == "close" and headers["x-amz-request-id"]
+            writer.write(request)  # a client that sends its request anyway still reads the 503, then EOF
+            assert await _read_until_closed(reader, 5) == b""
+            writer.close()
+            # Those under the limit are unaffected: they keep being served.
+            for reader, writer in served:
+                writer.write(request)
+                assert (await _answer(reader))[0] == 200
+            # A slot freed is a slot for the next connection.
+            served[0][1].close()
+            deadline = loop.time() + 5
+            while len(lanes.connections) > 1 or lanes.refused:
+                assert loop.time() < deadline, (len(lanes.connections), len(lanes.refused))
+                await asyncio.sleep(0.01)
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(request)
+            assert (await _answer(reader))[0] == 200
+            writer.close()
+            served[1][1].close()
+            assert lanes.refused_total == 1
+        finally:
+            listener.close()
+            await lanes.shutdown(1.0)
+
+    try:
+        asyncio.run(run())
+    finally:
+        os.close(fd)

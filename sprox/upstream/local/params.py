@@ -180,6 +180,11 @@ def delete_request(body: bytes) -> tuple[list[str], bool]:
     return keys, quiet
 
 
+# A PartNumber element: an integer as XML Schema writes one, bounded so that any
+# value past MAX_PART_NUMBER is still read, then answered InvalidPart (no such part).
+_PART_NUMBER_TEXT = re.compile(r"[0-9]{1,10}")
+
+
 def complete_request(body: bytes) -> list[tuple[int, str]]:
     """(part number, ETag) pairs of a CompleteMultipartUpload body, checked for order."""
     root = _root(body, "CompleteMultipartUpload")
@@ -187,7 +192,9 @@ def complete_request(body: bytes) -> list[tuple[int, str]]:
     for element in s3xml.children(root, "Part"):
         number = (s3xml.child_text(element, "PartNumber") or "").strip()
         etag = s3xml.child_text(element, "ETag")
-        if not number.isdigit() or etag is None:
+        # ASCII digits, few of them: str.isdigit() also passes "²" (which int() then
+        # refuses) and other scripts' digits, and int() refuses more than 4300 digits.
+        if not _PART_NUMBER_TEXT.fullmatch(number) or etag is None:
             raise errors.malformed_xml()
         parts.append((int(number), etag.strip()))
     if not parts:

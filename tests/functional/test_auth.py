@@ -1,0 +1,262 @@
+"""Who may do what through a Sprox that verifies SigV4, end to end (Sprox as a
+subprocess, real clients): signed streaming uploads with chained chunk signatures,
+declared payload hashes, per-key bucket rights in both lanes (cached bytes included),
+and admin routes moved off the data port."""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import subprocess
+import sys
+import time
+import urllib.request
+from urllib.parse import urlsplit
+
+import boto3
+import pytest
+from botocore.auth import S3SigV4Auth
+from botocore.awsrequest import AWSRequest
+from botocore.config import Config
+from botocore.credentials import Credentials
+from botocore.exceptions import ClientError
+
+from tests.data import object_bytes
+from tests.streaming_signer import frame_signed, signing_key
+
+ADMIN = ("admin-key", "admin-secret")
+READER = ("reader-key", "reader-secret")  # bucket "data" only, read only
+LOGS = ("logs-key", "logs-secret")  # buckets "logs-*", read and write
+
+KEYS_TOML = f"""
+[[keys]]
+access_key = "{ADMIN[0]}"
+secret_key = "{ADMIN[1]}"
+
+[[keys]]
+access_key = "{READER[0]}"
+secret_key = "{READER[1]}"
+buckets = ["data"]
+write = false
+
+[[keys]]
+access_key = "{LOGS[0]}"
+secret_key = "{LOGS[1]}"
+buckets = ["logs-*"]
+"""
+
+
+def client(endpoint: str, key: tuple[str, str]):
+    return boto3.session.Session(aws_access_key_id=key[0], aws_secret_access_key=key[1],
+                                 region_name="us-east-1").client(
+        "s3", endpoint_url=endpoint,
+        config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 1}))
+
+
+def code_of(exc: pytest.ExceptionInfo) -> str:
+    return exc.value.response["Error"]["Code"]
+
+
+@pytest.fixture(params=["local", "seaweedfs"])
+def keyed_sprox(request, start_sprox, tmp_path):
+    """Sprox with the three keys above, before the local origin or SeaweedFS (which
+    checks Sprox's own signatures upstream)."""
+    config = tmp_path / "sprox.toml"
+    config.write_text(KEYS_TOML)
+    if request.param == "local":
+        args = ["--origin-dir", str(tmp_path / "origin")]
+    else:
+        upstream = request.getfixturevalue("seaweed_server")
+        args = ["--upstream", upstream.endpoint, "--upstream-region", "us-east-1"]
+    proc = start_sprox(tmp_path, "--config", str(config), *args)
+    admin = client(proc.endpoint, ADMIN)
+    suffix = f"{time.monotonic_ns() % 10**9}"
+    buckets = {"data": "data", "secret": f"secret-{suffix}", "logs": f"logs-{suffix}"}
+    for name in buckets.values():
+        try:
+            admin.create_bucket(Bucket=name)
+        except ClientError as exc:  # "data" survives from another test on SeaweedFS
+            if exc.response["Error"]["Code"] not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+                raise
+    return proc, buckets
+
+
+# -- signed streaming uploads ----------------------------------------------------------
+
+
+class _StreamingAuth(S3SigV4Auth):
+    """botocore's own S3 signer, signing the seed request of a streaming upload."""
+
+    def __init__(self, credentials: Credentials, payload_hash: str) -> None:
+        super().__init__(credentials, "s3", "us-east-1")
+        self._payload_hash = payload_hash
+
+    def payload(self, request: AWSRequest) -> str:
+        return self._payload_hash
+
+
+def streaming_put(endpoint: str, key: tuple[str, str], bucket: str, name: str, payload: bytes, *,
+                  trailers: dict[str, str] | None = None, tamper=None) -> tuple[int, bytes]:
+    """PUT `payload` as a signed aws-chunked stream (seed signed by botocore, chunks by
+    tests/streaming_signer.py); `tamper(framed) -> framed` changes the body on the wire."""
+    mode = "STREAMING-AWS4-HMAC-SHA256-PAYLOAD" + ("-TRAILER" if trailers else "")
+    headers = {"Content-Encoding": "aws-chunked", "x-amz-decoded-content-length": str(len(payload))}
+    if trailers:
+        headers["x-amz-trailer"] = ",".join(trailers)
+    # The framed length does not depend on the signatures' values, only on their size.
+    dummy = frame_signed(payload, 65536, key=b"k", timestamp="t", scope="s", seed_signature="0" * 64,
+                         trailers=trailers)
+    headers["Content-Length"] = str(len(dummy))
+    request = AWSRequest(method="PUT", url=f"{endpoint}/{bucket}/{name}", headers=headers)
+    _StreamingAuth(Credentials(*key), mode).add_auth(request)
+    prepared = request.prepare()
+    timestamp = prepared.headers["X-Amz-Date"]
+    seed = prepared.headers["Authorization"].rsplit("Signature=", 1)[1]
+    framed = frame_signed(payload, 65536, key=signing_key(key[1], timestamp[:8], "us-east-1"),
+                          timestamp=timestamp, scope=f"{timestamp[:8]}/us-east-1/s3/aws4_request",
+                          seed_signature=seed, trailers=trailers)
+    assert len(framed) == len(dummy)
+    if tamper is not None:
+        framed = tamper(framed)
+    parts = urlsplit(endpoint)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+    try:
+        conn.request("PUT", f"/{bucket}/{name}", body=framed, headers=dict(prepared.headers.items()))
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        conn.close()
+
+
+def test_signed_streaming_uploads_are_verified_chunk_by_chunk(keyed_sprox):
+    import base64
+    import zlib
+
+    proc, buckets = keyed_sprox
+    bucket = buckets["logs"]
+    admin = client(proc.endpoint, ADMIN)
+    payload = object_bytes("streamed", 300_000)  # five chunks and the final one
+    crc = base64.b64encode(zlib.crc32(payload).to_bytes(4, "big")).decode()
+
+    status, body = streaming_put(proc.endpoint, ADMIN, bucket, "plain", payload)
+    assert status == 200, body
+    status, body = streaming_put(proc.endpoint, ADMIN, bucket, "trailer", payload,
+                                 trailers={"x-amz-checksum-crc32": crc})
+    assert status == 200, body
+    for name in ("plain", "trailer"):
+        assert admin.get_object(Bucket=bucket, Key=name)["Body"].read() == payload
+
+    def flip_a_byte(framed: bytes) -> bytes:  # in the third chunk's data
+        at = 2 * 65536 + 1000
+        return framed[:at] + bytes([framed[at] ^ 1]) + framed[at + 1:]
+
+    status, body = streaming_put(proc.endpoint, ADMIN, bucket, "tampered", payload, tamper=flip_a_byte)
+    assert status == 403 and b"<Code>SignatureDoesNotMatch</Code>" in body and b"<RequestId>" in body
+    # Signed for another key's secret: the seed fails before any chunk.
+    status, body = streaming_put(proc.endpoint, (ADMIN[0], "not-the-secret"), bucket, "wrong-key", payload)
+    assert status == 403 and b"SignatureDoesNotMatch" in body
+    for name in ("tampered", "wrong-key"):  # nothing of a refused upload was stored
+        with pytest.raises(ClientError) as caught:
+            admin.head_object(Bucket=bucket, Key=name)
+        assert caught.value.response["Error"]["Code"] in ("404", "NoSuchKey")
+
+
+def test_a_body_that_does_not_match_its_declared_hash_is_refused(keyed_sprox):
+    proc, buckets = keyed_sprox
+    bucket = buckets["logs"]
+    admin = client(proc.endpoint, ADMIN)
+    data = object_bytes("hashed", 700_000)
+
+    def put(declared_for: bytes) -> tuple[int, bytes]:
+        request = AWSRequest(method="PUT", url=f"{proc.endpoint}/{bucket}/hashed", data=data)
+        _StreamingAuth(Credentials(*ADMIN), hashlib.sha256(declared_for).hexdigest()).add_auth(request)
+        parts = urlsplit(proc.endpoint)
+        conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+        try:
+            conn.request("PUT", f"/{bucket}/hashed", body=data, headers=dict(request.prepare().headers.items()))
+            response = conn.getresponse()
+            return response.status, response.read()
+        finally:
+            conn.close()
+
+    status, body = put(b"something else")
+    assert status == 400 and b"<Code>XAmzContentSHA256Mismatch</Code>" in body, body
+    with pytest.raises(ClientError):
+        admin.head_object(Bucket=bucket, Key="hashed")
+    assert put(data)[0] == 200
+    assert admin.get_object(Bucket=bucket, Key="hashed")["Body"].read() == data
+
+
+# -- per-key bucket rights ---------------------------------------------------------------
+
+
+def test_keys_reach_only_their_buckets_even_for_cached_bytes(keyed_sprox):
+    proc, buckets = keyed_sprox
+    admin, reader, logs = (client(proc.endpoint, k) for k in (ADMIN, READER, LOGS))
+    body = object_bytes("shared", 200_000)
+    for bucket in buckets.values():
+        admin.put_object(Bucket=bucket, Key="obj", Body=body)
+        # Cached by the admin: whole object, then a range (both lanes answer hits).
+        assert admin.get_object(Bucket=bucket, Key="obj")["Body"].read() == body
+        assert admin.get_object(Bucket=bucket, Key="obj", Range="bytes=10-99")["Body"].read() == body[10:100]
+
+    # The reader: bucket "data", reading only.
+    assert reader.get_object(Bucket="data", Key="obj")["Body"].read() == body
+    assert reader.get_object(Bucket="data", Key="obj", Range="bytes=10-99")["Body"].read() == body[10:100]
+    assert reader.head_object(Bucket="data", Key="obj")["ContentLength"] == len(body)
+    for call in (lambda: reader.get_object(Bucket=buckets["secret"], Key="obj"),
+                 lambda: reader.get_object(Bucket=buckets["secret"], Key="obj", Range="bytes=10-99"),
+                 lambda: reader.head_object(Bucket=buckets["secret"], Key="obj"),
+                 lambda: reader.get_object(Bucket=buckets["secret"], Key="missing"),
+                 lambda: reader.list_objects_v2(Bucket=buckets["secret"]),
+                 lambda: reader.put_object(Bucket="data", Key="new", Body=b"x"),
+                 lambda: reader.delete_object(Bucket="data", Key="obj"),
+                 lambda: reader.list_buckets()):
+        with pytest.raises(ClientError) as caught:
+            call()
+        assert caught.value.response["Error"]["Code"] in ("AccessDenied", "403"), caught.value.response
+
+    # The logs key: its pattern's buckets, read and write; no copying out of others.
+    logs.put_object(Bucket=buckets["logs"], Key="mine", Body=b"mine")
+    assert logs.get_object(Bucket=buckets["logs"], Key="obj")["Body"].read() == body
+    with pytest.raises(ClientError) as caught:
+        logs.copy_object(Bucket=buckets["logs"], Key="stolen", CopySource={"Bucket": buckets["secret"], "Key": "obj"})
+    assert code_of(caught) == "AccessDenied"
+    with pytest.raises(ClientError) as caught:
+        logs.get_object(Bucket="data", Key="obj")
+    assert code_of(caught) == "AccessDenied"
+    assert admin.get_object(Bucket="data", Key="obj")["Body"].read() == body  # nothing was deleted
+
+
+# -- admin routes off the data port --------------------------------------------------------
+
+
+def test_admin_routes_can_leave_the_data_port(start_sprox, tmp_path):
+    cache_dir = tmp_path / "cache"
+    proc = start_sprox(tmp_path, "--origin-dir", str(tmp_path / "origin"), "--cache-dir", str(cache_dir),
+                       "--admin-port", "0")
+    deadline = time.monotonic() + 10
+    while not any("admin:" in line for line in proc.lines):
+        assert time.monotonic() < deadline, proc.log_text()
+        time.sleep(0.01)
+    admin_url = next(line for line in proc.lines if "admin:" in line).split()[1]
+    assert admin_url.startswith("http://127.0.0.1:") and admin_url.endswith("/_sprox/")
+    with urllib.request.urlopen(admin_url + "health", timeout=10) as response:
+        assert response.status == 200
+    # On the data port, /_sprox/health is an S3 request like any other.
+    parts = urlsplit(proc.endpoint)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
+    try:
+        conn.request("GET", "/_sprox/health")
+        response = conn.getresponse()
+        body = response.read()
+    finally:
+        conn.close()
+    assert response.status != 200 and b"<Error>" in body and b"<RequestId>" in body
+    # `sprox cache stats` finds the running process's counters on the admin port.
+    result = subprocess.run([sys.executable, "-m", "sprox", "cache", "stats", "--cache-dir", str(cache_dir)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and "running:" in result.stdout, result.stdout + result.stderr
+    started = time.monotonic()
+    proc.stop()
+    assert proc.returncode == 0 and time.monotonic() - started < 5, proc.log_text()
