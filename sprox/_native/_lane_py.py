@@ -45,7 +45,7 @@ from aiohttp.web_protocol import RequestHandler
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from sprox.s3 import errors
-from sprox.s3.request import new_request_id
+from sprox.s3.request import new_request_id, split_target
 from sprox.sockets import wait_writable
 
 log = logging.getLogger("sprox.lane")
@@ -325,6 +325,8 @@ class Connection(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         message = self.current
         parser = self.parser
+        if not message.url.startswith(b"/") and parser.get_method() != b"CONNECT":  # (refused as an upgrade)
+            self._to_origin_form(message)
         message.method = parser.get_method()
         message.version = parser.get_http_version()
         message.keep_alive = parser.should_keep_alive()
@@ -341,6 +343,17 @@ class Connection(asyncio.Protocol):
         self.queue.append(message)
         if message.body_length or message.chunked:
             self._check_within(BODY_SECONDS)  # a body is due: its quiet time is watched from now
+
+    def _to_origin_form(self, message: "_Message") -> None:
+        """An absolute-form target (`http://host/path?q`) keeps only its path and query,
+        for both lanes: the host in it never decides anything. Any other form (`*`, a
+        bare authority) is no S3 request: InvalidURI, after the answers before it."""
+        try:
+            path, query = split_target(message.url.decode("latin-1"))
+        except errors.S3Error as exc:
+            self.fatal = exc
+            raise httptools.HttpParserError("request target not in origin form") from None
+        message.url = (path + ("?" + query if query else "")).encode("latin-1")
 
     def on_body(self, body: bytes) -> None:
         message = self.current

@@ -105,6 +105,7 @@ def split_target(target: str) -> tuple[str, str]:
     if not target.startswith("/"):
         try:
             parts = urlsplit(target)
+            parts.port  # noqa: B018 (raises ValueError for a port that is no number)
         except ValueError:
             # urlsplit refuses some authorities outright ("http://[x/", names that
             # change under NFKC normalisation): an unparsable URI, not a server error.
