@@ -171,6 +171,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
               else r["upstream_get_body_bytes"] / 1e6) for r in tables["olap"]]))
     for path in _WRITTEN:
         write(f"results written to {path}")
+    if _WRITTEN:
+        write(f"README tables: python -m bench.report --run {harness.run_context()['run_id']}")
 
 
 def _bound(row: dict) -> str:

@@ -198,10 +198,12 @@ def test_hits(benchmark, hits: HitsBench, results, case: HitCase, server: str) -
 
     median = sorted(reports, key=lambda r: r["rps"])[len(reports) // 2]
     row = {
-        "case": case.name, "server": server, "range_size": case.range_size, "body_bytes": plan.body_bytes,
+        "case": case.name, "server": server, "range_size": case.range_size,
         "requests_per_round": plan.requests_per_round, "rounds": len(reports),
         "rps_all": [r["rps"] for r in reports], "rps_stdev": statistics.pstdev(r["rps"] for r in reports),
         **flatten_load(median),
+        # Bytes per response; the load report's body_bytes is the round's total.
+        "response_bytes": plan.body_bytes,
     }
     if server == "sprox":
         nginx = hits.medians.get((case.name, "nginx"))

@@ -288,7 +288,7 @@ def test_olap(benchmark, olap: Olap, results, engine: str, query: str, mode: str
     median_round = sorted(rounds, key=lambda r: r["seconds"])[len(rounds) // 2]
     row = {
         "engine": engine, "query": query, "mode": mode, "tpch_sf": olap.data.sf,
-        "parquet_bytes": olap.data.total_bytes, "rows": olap.data.rows,
+        "parquet_bytes": olap.data.total_bytes, "parquet_files": len(olap.data.files), "rows": olap.data.rows,
         "upstream_latency_ms": settings.upstream_latency_ms, "rounds": len(rounds),
         "seconds": statistics.median(seconds), "seconds_min": min(seconds), "seconds_all": seconds,
         **{f"upstream_{k}": median_round.get(k) for k in ("GET", "HEAD", "LIST", "OTHER", "get_body_bytes")},
