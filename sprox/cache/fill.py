@@ -142,12 +142,22 @@ class FillRun:
 
     def _check(self, response: OriginResponse) -> int:
         """Validate the origin's answer; returns how many leading bytes to skip."""
-        if response.status == 412:
+        if response.status in (404, 412):
+            # 412: If-Match failed; 404: the object is gone. Either way this version is.
             raise ObjectChanged()
+        if response.status >= 500:
+            raise upstream_failure(response.status)
         if response.status not in (200, 206):
             raise errors.S3Error("BadGateway", f"The origin answered {response.status} to a block fill.", 502)
         etag = response.headers.get("ETag")
         if etag is not None and etag != self.record.etag:
+            raise ObjectChanged()
+        # The record's size came from one earlier answer's Content-Length (a 200) or
+        # Content-Range total. If this answer gives another size for the same ETag, one
+        # of them lied: the record cannot be trusted to say where blocks end (a record
+        # too large would have fills fail, and answers end short, until it expired), so
+        # it is dropped and the object learned afresh.
+        if _total_size(response) not in (None, self.record.size):
             raise ObjectChanged()
         if response.status == 200:
             return self.start  # whole object: skip to our first block
@@ -155,3 +165,25 @@ class FillRun:
         if not content_range.startswith(f"bytes {self.start}-"):
             raise errors.S3Error("BadGateway", "The origin answered another range than asked.", 502)
         return 0
+
+
+def _total_size(response: OriginResponse) -> int | None:
+    """The object size an answer states: a 206's Content-Range total, a 200's length."""
+    if response.status == 206:
+        total = response.headers.get("Content-Range", "").rpartition("/")[2]
+    else:
+        total = response.headers.get("Content-Length", "")
+    return int(total) if total.isdigit() else None
+
+
+def upstream_failure(status: int) -> errors.S3Error:
+    """The error a client gets when the origin still fails (5xx) after Sprox's retries:
+    SlowDown stays SlowDown, so clients back off as the origin asked; a timeout stays a
+    timeout; anything else is the origin's fault, a 502."""
+    if status == 503:
+        return errors.S3Error("SlowDown", "Please reduce your request rate.", 503)
+    if status == 504:
+        return errors.gateway_timeout("The upstream timed out.")
+    if status == 500:
+        return errors.S3Error("InternalError", "The upstream encountered an internal error. Please try again.", 500)
+    return errors.bad_gateway(f"The upstream answered {status}.")

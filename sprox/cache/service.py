@@ -29,6 +29,7 @@ from pathlib import Path
 
 from multidict import CIMultiDict, CIMultiDictProxy, MultiDict, MultiDictProxy
 
+from ..metrics import FILL_BUCKETS, Histogram
 from ..ranges import RangeNotSatisfiable, block_span, content_range, parse_range
 from ..s3 import conditions, errors
 from ..s3.request import S3Request
@@ -112,6 +113,7 @@ class ObjectCache:
         # read (hits go out by sendfile from it), not every byte a fill writes.
         self.direct_io = direct_io
         self.io: IOBackend | None = None  # made in start(): probing io_uring may block
+        self.fill_seconds = Histogram(FILL_BUCKETS)  # /_sprox/metrics
         self.directory = directory
         self.block_size = block_size
         self.ttl = ttl
@@ -263,6 +265,10 @@ class ObjectCache:
         generation = self._generation.get((request.bucket, request.key), 0)
         request.stats.upstream_requests += 1
         response = await self.origin.send(self._origin_request(request, "HEAD", {}))
+        if response.status >= 500 and request.method == "HEAD":
+            # The origin is failing and send() has already retried: for a HEAD this is
+            # the answer. Asking again would double what a failing origin is sent.
+            return None, self._as_passthrough(response)
         if response.status != 200:
             await response.close()
             # Errors are never cached: ask again with the client's own request so the
@@ -346,7 +352,11 @@ class ObjectCache:
                 request.stats.upstream_requests += 1
                 response = await self.origin.send(self._origin_request(request, "HEAD", {}))
                 await response.close()
-                if response.status == 200 and response.headers.get("ETag") == record.etag:
+                length = response.headers.get("Content-Length")
+                # The size is checked as well as the ETag: a record sized by an answer
+                # whose Content-Length lied would otherwise be confirmed forever.
+                if response.status == 200 and response.headers.get("ETag") == record.etag and \
+                        (length is None or length == str(record.size)):
                     self.index.validated(record, time.time())
                     pending.set_result(record)
                 else:
@@ -572,9 +582,23 @@ class ObjectCache:
         try:
             if response.status != 206 or response.headers.get("ETag", record.etag) != record.etag:
                 raise UpstreamBodyError(f"origin answered {response.status} while serving uncached bytes")
+            # The headers already sent promise exactly bytes first..last: another range
+            # (say, the object is shorter than the record believes) must not be sent as
+            # if it were them, nor may the answer end early as if complete, which would
+            # leave the client waiting for bytes that never come. Either is a cut.
+            if response.headers.get("Content-Range", "") != f"bytes {first}-{last}/{record.size}":
+                raise UpstreamBodyError(f"origin answered {response.headers.get('Content-Range')!r} "
+                                        f"to bytes {first}-{last}/{record.size}")
+            remaining = last - first + 1
             async for chunk in response.iter_body():
                 stats.upstream_bytes += len(chunk)
+                chunk = chunk[:remaining]
+                remaining -= len(chunk)
                 yield chunk
+                if remaining == 0:
+                    break
+            if remaining:
+                raise UpstreamBodyError("the origin sent fewer bytes than the range it announced")
         finally:
             await response.close()
 
@@ -599,6 +623,8 @@ class ObjectCache:
         task = asyncio.get_running_loop().create_task(run.run(), name=f"fill {record.key}")
         self._runs.add(task)
         task.add_done_callback(self._runs.discard)
+        started = time.monotonic()
+        task.add_done_callback(lambda _: self.fill_seconds.observe(time.monotonic() - started))
         self.stats.fills += 1
         return run
 

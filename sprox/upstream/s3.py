@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import re
 from collections.abc import AsyncIterator
 from urllib.parse import quote, urlsplit
 
@@ -44,6 +45,7 @@ CLIENT_AUTH = frozenset({"authorization", "x-amz-date", "date", "x-amz-security-
 RESPONSE_DROP = frozenset({"connection", "keep-alive", "transfer-encoding", "content-length", "server", "date"})
 
 RETRYABLE_STATUS = frozenset({500, 502, 503, 504})
+_CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
 MAX_ATTEMPTS = 3
 
 
@@ -79,7 +81,8 @@ class S3Upstream:
         self._addressing = addressing
         self._timeout = timeout
         self._max_connections = max_connections
-        self._session: aiohttp.ClientSession | None = None
+        self._session: aiohttp.ClientSession | None = None  # requests without a body
+        self._upload_session: aiohttp.ClientSession | None = None  # with one
         self._credentials = None
         self.description = f"S3 endpoint {self._scheme}://{self._netloc} ({self.region}, {addressing}-style)"
 
@@ -97,18 +100,31 @@ class S3Upstream:
         if self._credentials is None:
             log.warning("no AWS credentials found: upstream requests will be sent unsigned")
         connector = aiohttp.TCPConnector(limit=self._max_connections, ttl_dns_cache=300)
-        self._session = aiohttp.ClientSession(
-            connector=connector,
-            auto_decompress=False,  # bytes pass through exactly as stored
-            timeout=aiohttp.ClientTimeout(total=None, sock_connect=self._timeout, sock_read=self._timeout),
-            skip_auto_headers=("Accept-Encoding", "Content-Type"),
-            headers={"User-Agent": f"sprox/{__version__}"},
-        )
+        settings = {
+            "connector": connector,
+            "auto_decompress": False,  # bytes pass through exactly as stored
+            "timeout": aiohttp.ClientTimeout(total=None, sock_connect=self._timeout, sock_read=self._timeout),
+            "skip_auto_headers": ("Accept-Encoding", "Content-Type"),
+            "headers": {"User-Agent": f"sprox/{__version__}"},
+        }
+        # Requests with a body go through aiohttp's own resend, once, at once, when a
+        # connection fails before the body was read (a pooled connection the upstream
+        # closed while idle): send() cannot replay a body itself.
+        self._upload_session = aiohttp.ClientSession(**settings)
+        # Requests without one are retried by send() alone, with back-off: aiohttp's
+        # resend on top of that doubled what a failing upstream was sent. (A private
+        # switch, the one aiohttp's own test client uses; skipped if it ever goes away.)
+        self._session = aiohttp.ClientSession(**settings, connector_owner=False)
+        if "_retry_connection" in getattr(aiohttp.ClientSession, "ATTRS", ()):
+            self._session._retry_connection = False
 
     async def close(self) -> None:
         if self._session is not None:
-            await self._session.close()
+            await self._session.close()  # shares the connector, which the other one owns
             self._session = None
+        if self._upload_session is not None:
+            await self._upload_session.close()
+            self._upload_session = None
 
     # -- addressing --------------------------------------------------------------------
 
@@ -130,7 +146,7 @@ class S3Upstream:
     # -- forwarding ----------------------------------------------------------------------
 
     async def send(self, request: S3Request) -> OriginResponse:
-        assert self._session is not None, "start() was not called"
+        assert self._session is not None and self._upload_session is not None, "start() was not called"
         url = self.url_for(request)
         headers = forwarded_headers(request.headers)
         body = request.body
@@ -144,31 +160,51 @@ class S3Upstream:
 
         # Only requests without a body can be replayed: a streamed body is gone once sent.
         attempts = MAX_ATTEMPTS if data is None else 1
+        loop = asyncio.get_running_loop()
+        # --upstream-timeout bounds the wait for an answer to begin, retries included:
+        # a stall is not retried (it would spend the timeout again, and the client,
+        # whose own timeout is typically no longer, would have given up by then), and
+        # a back-off that would end past the deadline is not slept. A request with a
+        # body is not bounded here: its answer comes only once the body is uploaded,
+        # which may rightly take longer (aiohttp's sock_read still bounds each wait).
+        deadline = loop.time() + self._timeout if data is None else None
         for attempt in range(1, attempts + 1):
             signed = await self._sign(request.method, url, headers, payload_hash)
             try:
-                response = await self._session.request(
+                session = self._session if data is None else self._upload_session
+                pending = session.request(
                     request.method, URL(url, encoded=True), headers=signed, data=data,
                     allow_redirects=False,
                 )
+                if deadline is None:
+                    response = await pending
+                else:
+                    response = await asyncio.wait_for(pending, max(deadline - loop.time(), 0.001))
             except asyncio.TimeoutError:
-                if attempt < attempts:
-                    await _backoff(attempt)
-                    continue
                 raise errors.gateway_timeout(f"The upstream did not answer within {self._timeout:g} s.") from None
             except aiohttp.ClientError as exc:
                 if data is not None and data.error is not None:
                     # The client's body was at fault (bad checksum, short body): that is
                     # the answer, not the aborted upstream request it caused.
                     raise data.error from None
-                if attempt < attempts:
-                    await _backoff(attempt)
+                if attempt < attempts and await _backoff(attempt, deadline, loop):
                     continue
                 log.warning("upstream request failed: %s %s: %s", request.method, url, exc)
                 raise errors.bad_gateway(f"The upstream could not be reached: {type(exc).__name__}.") from None
-            if response.status in RETRYABLE_STATUS and attempt < attempts:
-                response.release()
-                await _backoff(attempt)
+            if response.status == 206 and not _length_matches_range(response.headers):
+                # The body's framing (Content-Length) and what it claims to hold
+                # (Content-Range) disagree: either would put wrong bytes at some offset
+                # or leave the answer short, so it is refused before a byte of it is
+                # used, and the connection, whose framing is not to be trusted, closed.
+                response.close()
+                log.warning("upstream answer refused: %s %s: Content-Length %s for Content-Range %s",
+                            request.method, url, response.headers.get("Content-Length"),
+                            response.headers.get("Content-Range"))
+                if attempt < attempts and await _backoff(attempt, deadline, loop):
+                    continue
+                raise errors.bad_gateway("The upstream's Content-Length disagrees with its Content-Range.")
+            if response.status in RETRYABLE_STATUS and attempt < attempts and \
+                    await _backoff(attempt, deadline, loop, before=response.release):
                 continue
             return OriginResponse(
                 response.status,
@@ -281,6 +317,26 @@ class _BodyStream:
             raise
 
 
-async def _backoff(attempt: int) -> None:
+async def _backoff(attempt: int, deadline: float | None, loop: asyncio.AbstractEventLoop,
+                   before=None) -> bool:
+    """Sleep before retry number `attempt`; False (and no sleep) when the retry could
+    not start before `deadline`. `before` runs first when there is a retry (it frees
+    the failed answer's connection)."""
     # Full jitter: spreads retries from many requests that failed together.
-    await asyncio.sleep(random.uniform(0, 0.1 * (2 ** attempt)))
+    delay = random.uniform(0, 0.1 * (2 ** attempt))
+    if deadline is not None and loop.time() + delay >= deadline:
+        return False
+    if before is not None:
+        before()
+    await asyncio.sleep(delay)
+    return True
+
+
+def _length_matches_range(headers) -> bool:
+    """Whether a 206's Content-Length is the length its Content-Range announces (True
+    when either is missing or not of the single-range form: nothing to compare)."""
+    length = headers.get("Content-Length")
+    match = _CONTENT_RANGE.match(headers.get("Content-Range", ""))
+    if length is None or match is None or not length.isdigit():
+        return True
+    return int(length) == int(match.group(2)) - int(match.group(1)) + 1

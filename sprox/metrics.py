@@ -1,0 +1,114 @@
+"""`/_sprox/metrics`: live counters in the Prometheus text format (version 0.0.4).
+
+Request counters are fed by the same call that writes each request's access-log record
+(`FrontEnd._record_access`, both lanes), so the live view and the log cannot disagree.
+Cache figures (bytes, objects, evictions, fills) are read from the cache when scraped.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections import Counter
+from collections.abc import Iterable, Sequence
+
+# Seconds: a fill takes from a few milliseconds (a small block nearby) to minutes.
+FILL_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
+
+
+class Histogram:
+    """A cumulative histogram with fixed buckets (seconds)."""
+
+    __slots__ = ("buckets", "counts", "total", "count")
+
+    def __init__(self, buckets: Sequence[float]) -> None:
+        self.buckets = tuple(buckets)
+        self.counts = [0] * (len(self.buckets) + 1)  # the last: above every bucket
+        self.total = 0.0
+        self.count = 0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.buckets, value)] += 1
+        self.total += value
+        self.count += 1
+
+    def lines(self, name: str, labels: str = "") -> Iterable[str]:
+        cumulative = 0
+        sep = "," if labels else ""
+        for bound, n in zip(self.buckets, self.counts):
+            cumulative += n
+            yield f'{name}_bucket{{{labels}{sep}le="{bound:g}"}} {cumulative}'
+        yield f'{name}_bucket{{{labels}{sep}le="+Inf"}} {self.count}'
+        brace = f"{{{labels}}}" if labels else ""
+        yield f"{name}_sum{brace} {self.total:.6f}"
+        yield f"{name}_count{brace} {self.count}"
+
+
+class RequestMetrics:
+    """Counters of the requests Sprox answered, fed once per request."""
+
+    def __init__(self) -> None:
+        self.requests: Counter[tuple[str, str]] = Counter()  # (operation, status class)
+        self.object_reads: Counter[str] = Counter()  # cache outcome
+        self.bytes_sent: Counter[str] = Counter()  # cache outcome ("none": not an object read)
+        self.upstream_requests = 0
+        self.upstream_bytes = 0
+        self.latency: dict[str, Histogram] = {}  # cache outcome of GetObject
+
+    def observe(self, operation: str, status: int, cache: str | None, bytes_sent: int,
+                upstream_requests: int, upstream_bytes: int, seconds: float) -> None:
+        self.requests[(operation, f"{status // 100}xx")] += 1
+        outcome = cache or "none"
+        self.bytes_sent[outcome] += bytes_sent
+        self.upstream_requests += upstream_requests
+        self.upstream_bytes += upstream_bytes
+        if cache is not None:
+            self.object_reads[cache] += 1
+            if operation == "GetObject":
+                histogram = self.latency.get(cache)
+                if histogram is None:
+                    histogram = self.latency[cache] = Histogram(LATENCY_BUCKETS)
+                histogram.observe(seconds)
+
+
+def render(requests: RequestMetrics, cache=None, fast_lane_hits: int = 0) -> str:
+    """The exposition text. `cache` is the ObjectCache, or None with --no-cache."""
+    out: list[str] = []
+
+    def metric(name: str, kind: str, help_text: str, samples: Iterable[str]) -> None:
+        out.append(f"# HELP {name} {help_text}")
+        out.append(f"# TYPE {name} {kind}")
+        out.extend(samples)
+
+    metric("sprox_requests_total", "counter", "Requests answered, by S3 operation and status class.",
+           (f'sprox_requests_total{{operation="{op}",status="{status}"}} {n}'
+            for (op, status), n in sorted(requests.requests.items())))
+    metric("sprox_object_reads_total", "counter",
+           "GetObject and HeadObject requests by cache outcome (HIT, MISS, PARTIAL, BYPASS).",
+           (f'sprox_object_reads_total{{outcome="{o}"}} {n}' for o, n in sorted(requests.object_reads.items())))
+    metric("sprox_sent_bytes_total", "counter", "Body bytes sent to clients, by cache outcome (none: not an "
+           "object read).", (f'sprox_sent_bytes_total{{outcome="{o}"}} {n}'
+                             for o, n in sorted(requests.bytes_sent.items())))
+    metric("sprox_upstream_requests_total", "counter", "Requests Sprox made to the upstream.",
+           [f"sprox_upstream_requests_total {requests.upstream_requests}"])
+    metric("sprox_upstream_received_bytes_total", "counter", "Body bytes received from the upstream.",
+           [f"sprox_upstream_received_bytes_total {requests.upstream_bytes}"])
+    metric("sprox_fast_lane_hits_total", "counter", "Cache hits answered by the fast lane.",
+           [f"sprox_fast_lane_hits_total {fast_lane_hits}"])
+    metric("sprox_get_latency_seconds", "histogram", "GetObject latency, request start to last byte, by cache "
+           "outcome.", (line for outcome, h in sorted(requests.latency.items())
+                        for line in h.lines("sprox_get_latency_seconds", f'outcome="{outcome}"')))
+    if cache is not None:
+        metric("sprox_cache_bytes", "gauge", "Bytes of cached blocks.", [f"sprox_cache_bytes {cache.used_bytes}"])
+        metric("sprox_cache_capacity_bytes", "gauge", "The cache's disk budget (--cache-size).",
+               [f"sprox_cache_capacity_bytes {cache.policy.capacity}"])
+        metric("sprox_cache_objects", "gauge", "Objects with a cached record.",
+               [f"sprox_cache_objects {len(cache.index.by_id)}"])
+        metric("sprox_cache_blocks", "gauge", "Cached blocks.", [f"sprox_cache_blocks {len(cache.policy)}"])
+        metric("sprox_cache_evicted_blocks_total", "counter", "Blocks evicted to make room.",
+               [f"sprox_cache_evicted_blocks_total {cache.stats.evicted_blocks}"])
+        metric("sprox_cache_fills_total", "counter", "Fills started (one upstream ranged GET each).",
+               [f"sprox_cache_fills_total {cache.stats.fills}"])
+        metric("sprox_cache_fill_seconds", "histogram", "How long fills took, first request to last block "
+               "stored.", cache.fill_seconds.lines("sprox_cache_fill_seconds"))
+    return "\n".join(out) + "\n"
