@@ -25,6 +25,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from .analytics.accesslog import AccessRecord
 from .cache.service import OBJECT_WRITES, FileSpan, HitPlan
+from .metrics import RequestMetrics
 from .s3 import errors, rights, xml
 from .s3.body import RequestBody
 from .s3.request import S3Request, new_request_id, parse_request
@@ -62,20 +63,20 @@ class FrontEnd:
         # SPROX_NO_SENDFILE=1 sends cached bytes by reading and writing (the copy path).
         self.use_sendfile = os.environ.get("SPROX_NO_SENDFILE") != "1"
         self.fast_hits = 0  # answered by the fast lane (sprox/_native/_lane_py.py)
+        self.metrics = RequestMetrics()  # /_sprox/metrics
 
     async def handle(self, http: web.Request) -> web.StreamResponse:
         started_at, started = time.time(), time.monotonic()
         request_id = new_request_id()
         state = _Served()
         response = await self._handle(http, request_id, state)
-        if self.access_log is not None:
-            first_byte = object_size = None
-            if state.request is not None and state.request.operation in OBJECT_READS:
-                first_byte, object_size = object_span(
-                    http.method, response.status, response.headers.get("Content-Range"),
-                    response.content_length)  # (a web.Response not yet sent has no header yet)
-            self._record_access(http.headers, request_id, state.request, state.bytes_sent, response.status,
-                                started_at, time.monotonic() - started, first_byte, object_size)
+        first_byte = object_size = None
+        if state.request is not None and state.request.operation in OBJECT_READS:
+            first_byte, object_size = object_span(
+                http.method, response.status, response.headers.get("Content-Range"),
+                response.content_length)  # (a web.Response not yet sent has no header yet)
+        self._record_access(http.headers, request_id, state.request, state.bytes_sent, response.status,
+                            started_at, time.monotonic() - started, first_byte, object_size)
         if log.isEnabledFor(logging.DEBUG):
             log.debug("%s %s %s -> %d [%s]", http.remote, http.method, http.raw_path, response.status, request_id)
         return response
@@ -130,15 +131,20 @@ class FrontEnd:
     def _record_access(self, headers, request_id: str, request: S3Request | None, bytes_sent: int, status: int,
                        started_at: float, seconds: float, first_byte: int | None = None,
                        object_size: int | None = None) -> None:
+        operation = request.operation if request is not None else "Invalid"
+        cache = request.stats.cache if request is not None else None
+        upstream_requests = request.stats.upstream_requests if request is not None else 0
+        upstream_bytes = request.stats.upstream_bytes if request is not None else 0
+        self.metrics.observe(operation, status, cache, bytes_sent, upstream_requests, upstream_bytes, seconds)
+        if self.access_log is None:
+            return
         self.access_log.record(AccessRecord(
             time=started_at, request_id=request_id,
-            operation=request.operation if request is not None else "Invalid",
+            operation=operation,
             bucket=request.bucket if request is not None else None,
             key=request.key if request is not None else None,
-            range=headers.get("Range"), status=status, bytes_sent=bytes_sent,
-            cache=request.stats.cache if request is not None else None,
-            upstream_requests=request.stats.upstream_requests if request is not None else 0,
-            upstream_bytes=request.stats.upstream_bytes if request is not None else 0,
+            range=headers.get("Range"), status=status, bytes_sent=bytes_sent, cache=cache,
+            upstream_requests=upstream_requests, upstream_bytes=upstream_bytes,
             latency_ms=seconds * 1000.0, user_agent=headers.get("User-Agent"),
             access_key=request.access_key if request is not None else None,
             first_byte=first_byte, object_size=object_size,
@@ -182,13 +188,10 @@ class FrontEnd:
     def hit_sent(self, hit: FastHit, bytes_sent: int) -> None:
         """A fast-lane answer is finished (or its connection was lost)."""
         self.cache.release_hit(hit.plan, committed=True)
-        if self.access_log is not None:
-            plan = hit.plan
-            first_byte, object_size = object_span(hit.request.method, plan.status, plan.content_range,
-                                                  plan.length)
-            self._record_access(hit.request_headers, hit.request.request_id, hit.request, bytes_sent,
-                                plan.status, hit.started_at, time.monotonic() - hit.started,
-                                first_byte, object_size)
+        plan = hit.plan
+        first_byte, object_size = object_span(hit.request.method, plan.status, plan.content_range, plan.length)
+        self._record_access(hit.request_headers, hit.request.request_id, hit.request, bytes_sent,
+                            plan.status, hit.started_at, time.monotonic() - hit.started, first_byte, object_size)
 
     def parse(self, http: web.Request, request_id: str) -> S3Request:
         request = parse_request(http.method, http.raw_path, http.headers, domain=self.domain,

@@ -20,6 +20,7 @@ from typing import Any
 
 from aiohttp import web
 
+from . import metrics
 from .config import Config, ConfigError
 from .frontend import FrontEnd
 from .lane import LaneServer
@@ -143,6 +144,7 @@ class Sprox:
         app.router.add_get(ADMIN_PREFIX + "health", self._health)
         app.router.add_post(ADMIN_PREFIX + "cache/purge", self._purge)
         app.router.add_get(ADMIN_PREFIX + "cache/stats", self._cache_stats)
+        app.router.add_get(ADMIN_PREFIX + "metrics", self._metrics)
 
     async def _start_admin(self) -> None:
         app = web.Application()
@@ -157,6 +159,12 @@ class Sprox:
             raise ConfigError("--admin-port", f"cannot listen on {self.config.admin_host}:{self.config.admin_port}: "
                               f"{exc.strerror or exc}") from None
         self.admin_port = site._server.sockets[0].getsockname()[1]
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        """Prometheus text format (sprox/metrics.py)."""
+        text = metrics.render(self.frontend.metrics, self.cache, self.frontend.fast_hits)
+        return web.Response(text=text, content_type="text/plain", headers={"X-Content-Type-Options": "nosniff"},
+                            charset="utf-8")
 
     async def _health(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "ok", "origin": self.origin.description})

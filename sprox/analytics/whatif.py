@@ -11,8 +11,9 @@ The trace is the access log's object reads, each turned into the blocks it touch
 - S3-FIFO, Sprox's own policy (`sprox.cache.policy.S3FIFO`, the same class the cache
   uses), replayed once per size.
 
-Sizes are counted in blocks (every block costs one block of the budget, as a cache of
-mostly full blocks does); ratios are by accesses and by bytes.
+Sizes are counted in blocks, each charged a whole block (Sprox charges an object's
+shorter last block its own size, so with many small objects the real cache holds a
+little more than simulated); ratios are by accesses and by bytes.
 """
 
 from __future__ import annotations
@@ -134,7 +135,7 @@ def s3fifo_ratio(trace: Sequence[Access], blocks: int, block_size: int) -> tuple
             hits += 1
             hit_bytes += access.size
         else:
-            # Every block is charged a whole block, as with the size-based budget.
+            # Every block is charged a whole block (see the module's note).
             policy.evict(never_pinned, need=block_size)
             policy.insert(access.block, block_size)
     n = len(trace)
