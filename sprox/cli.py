@@ -15,7 +15,6 @@ from . import config as config_mod
 from ._version import __version__
 from .config import SETTINGS, Config, ConfigError
 
-
 CACHE_EPILOGUES = {
     "verify": ". Shows progress on standard error (a bar on a terminal, plain lines otherwise). "
               "Ctrl-C stops it with the index consistent: damaged blocks dropped so far stay dropped, "
@@ -54,8 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name, text in (("stats", "objects, blocks, bytes and hit ratio"),
                        ("purge", "drop cached objects: all, or those under s3://bucket[/prefix]"),
                        ("verify", "check every cached block against its checksum; drop damaged ones"),
-                       ("warm", "read every object under s3://bucket[/prefix] through the running Sprox, "
-                                "so that it is cached")):
+                       ("warm", ("read every object under s3://bucket[/prefix] through the running Sprox, "
+                                 "so that it is cached"))):
         sub = cache_commands.add_parser(name, help=text, description=text + CACHE_EPILOGUES.get(name, ""))
         where = sub.add_mutually_exclusive_group() if name == "warm" else sub
         where.add_argument("--cache-dir", dest="cache_dir", metavar="DIR", help="[SPROX_CACHE_DIR]")
@@ -229,22 +228,24 @@ def warm_command(args: argparse.Namespace, cache_dir: Path) -> int:
         print(f"sprox: error: no Sprox is running on the cache {str(cache_dir)!r}: start one "
               "(sprox serve --cache-dir DIR) or name its endpoint with --endpoint URL", file=sys.stderr)
         return 1
-    progress = Progress(f"warm s3://{bucket}/{prefix}", "objects")
+    progress = Progress("warm", "objects")
     try:
-        progress.start(note="listing")
         result = asyncio.run(warm.warm(endpoint, bucket, prefix, concurrency=args.concurrency, progress=progress,
                                        report=progress.message, interrupt_signal=signal.SIGINT))
     except warm.WarmError as exc:
         progress.close()
         print(f"sprox: error: {exc}", file=sys.stderr)
         return 1
-    except (OSError, aiohttp.ClientError, asyncio.TimeoutError) as exc:
+    except (OSError, aiohttp.ClientError, TimeoutError) as exc:
         progress.close()
         print(f"sprox: error: cannot reach Sprox at {endpoint}: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # before the warm took over Ctrl-C: nothing was read
         progress.close()
+        print(f"interrupted before reading s3://{bucket}/{prefix}: nothing read")
         return 130
+    if result.interrupted:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # one Ctrl-C was enough: let the summary out
     progress.close()
     print(warm.summary(result))
     if result.interrupted:

@@ -140,18 +140,34 @@ def _purge_running(cache_dir: Path, bucket: str | None, prefix: str) -> int:
         return json.load(response)["purged"]
 
 
-def verify(cache_dir: Path, progress=None) -> dict:
-    """Check every cached block against its CRC; drop damaged ones."""
+def verify(cache_dir: Path, progress=None, *, started=None, stop=None) -> dict:
+    """Check every cached block against its CRC; drop damaged ones.
+
+    `started(total_blocks)` is called once the index is loaded, `progress(checked,
+    damaged)` after each block, and `stop()` before each block: when it returns true the
+    check ends there (`interrupted` in the result). Either way the index is left
+    consistent: every drop made so far is committed before returning, and blocks not
+    reached are simply not checked (Sprox checks them on first use after a restart)."""
     with exclusive(cache_dir):
         index = CacheIndex(cache_dir / "index.sqlite")
         files = BlockFiles(cache_dir / "blocks", executor=None)  # type: ignore[arg-type]
         index.open()
         checked = damaged = 0
+        interrupted = False
         try:
-            for record in index.records():
+            records = list(index.records())
+            total = sum(int.from_bytes(r.present, "little").bit_count() for r in records)
+            if started is not None:
+                started(total)
+            for record in records:
+                if interrupted:
+                    break
                 fd = files.acquire(record)
                 try:
                     for i in record.present_blocks():
+                        if stop is not None and stop():
+                            interrupted = True
+                            break
                         start, end = record.block_range(i)
                         checked += 1
                         if not BlockFiles.block_matches(fd, start, end - start, record.crcs[i]):
@@ -164,8 +180,8 @@ def verify(cache_dir: Path, progress=None) -> dict:
             index.flush_blocking()
         finally:
             files.close_all()
-            index.close()
-        return {"checked": checked, "damaged": damaged}
+            index.close()  # commits whatever is still queued before it returns
+        return {"checked": checked, "damaged": damaged, "total": total, "interrupted": interrupted}
 
 
 def parse_s3_url(url: str | None) -> tuple[str | None, str]:
