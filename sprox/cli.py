@@ -183,17 +183,25 @@ def verify_command(cache_dir: Path) -> int:
     def checked(count: int, damaged: int) -> None:
         progress.update(count, note=f"{damaged} damaged" if damaged else "")
 
+    def busy() -> int:
+        print(f"sprox: error: a running Sprox uses {str(cache_dir)!r}: stop it first "
+              "(Sprox re-checks blocks against their checksums after every restart)", file=sys.stderr)
+        return 1
+
+    try:  # before any progress is shown (verify takes the lock again for itself)
+        with admin.exclusive(cache_dir):
+            pass
+    except admin.CacheBusy:
+        return busy()
     # Ctrl-C asks the check to stop between two blocks, so the index is never left
     # halfway through an update.
     previous = signal.signal(signal.SIGINT, lambda *_: stop.set())
     try:
         progress.start(note="reading the index")
         result = admin.verify(cache_dir, started=index_loaded, progress=checked, stop=stop.is_set)
-    except admin.CacheBusy:
+    except admin.CacheBusy:  # a Sprox started in between
         progress.close()
-        print(f"sprox: error: a running Sprox uses {str(cache_dir)!r}: stop it first "
-              "(Sprox re-checks blocks against their checksums after every restart)", file=sys.stderr)
-        return 1
+        return busy()
     finally:
         signal.signal(signal.SIGINT, previous)
     progress.close()

@@ -15,7 +15,6 @@ import resource
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import replace
 from typing import Any
 
 from aiohttp import web
@@ -128,7 +127,8 @@ class Sprox:
         """Where the admin routes (/_sprox/...) are: the data endpoint, or --admin-port's."""
         if self.admin_port is None:
             return self.endpoint
-        return replace(self.config, host=self.config.admin_host, port=self.admin_port).endpoint
+        host = self.config.admin_host
+        return f"http://{f'[{host}]' if ':' in host else host}:{self.admin_port}"
 
     def build_app(self) -> web.Application:
         """The data port's application: every S3 request, and the admin routes unless

@@ -231,10 +231,13 @@ def test_keys_reach_only_their_buckets_even_for_cached_bytes(keyed_sprox):
 # -- admin routes off the data port --------------------------------------------------------
 
 
-def test_admin_routes_can_leave_the_data_port(start_sprox, tmp_path):
+@pytest.mark.parametrize("admin_port", ["0", "free"])
+def test_admin_routes_can_leave_the_data_port(start_sprox, tmp_path, admin_port):
+    from tests.servers import free_port
+
     cache_dir = tmp_path / "cache"
     proc = start_sprox(tmp_path, "--origin-dir", str(tmp_path / "origin"), "--cache-dir", str(cache_dir),
-                       "--admin-port", "0")
+                       "--admin-port", str(free_port()) if admin_port == "free" else admin_port)
     deadline = time.monotonic() + 10
     while not any("admin:" in line for line in proc.lines):
         assert time.monotonic() < deadline, proc.log_text()
