@@ -6,7 +6,9 @@ Build switches (environment variables):
 
 The io_uring module (`uring`) is built only where liburing is installed (found with
 pkg-config, else by its header); without it the rest still builds and Sprox uses the
-thread-pool twin.
+thread-pool twin. Where no extension can be compiled at all (no C compiler, an
+unsupported platform), the build goes on without them and says what that costs: every
+module has a pure-Python twin.
 """
 
 import os
@@ -15,6 +17,9 @@ import subprocess
 import sys
 
 from setuptools import setup
+from setuptools.command.build_ext import build_ext
+from setuptools.errors import BaseError as DistutilsError
+from setuptools.errors import CCompilerError
 
 NATIVE_MODULES = ["ranges", "lane"]
 LIBURING_HEADER = "/usr/include/liburing.h"
@@ -81,4 +86,31 @@ def extensions():
     )
 
 
-setup(ext_modules=extensions())
+PURE_PYTHON_NOTE = (
+    "sprox: installing the pure-Python build: {reason}. Sprox works the same, but "
+    "cache hits cost more CPU (the HTTP fast lane and range arithmetic run as Python), "
+    "and cache I/O uses a thread pool instead of io_uring. Install a C compiler, the "
+    "Python headers and liburing (Debian: gcc python3-dev liburing-dev) for the fast build."
+)
+
+
+class OptionalBuildExt(build_ext):
+    """build_ext that falls back to the pure-Python twins when compiling fails."""
+
+    def run(self):
+        self.failed = []
+        try:
+            super().run()
+        except (CCompilerError, DistutilsError, OSError) as exc:
+            self.failed.append(f"the build failed ({exc})")
+        if self.failed:
+            print("\n" + PURE_PYTHON_NOTE.format(reason="; ".join(self.failed)) + "\n", file=sys.stderr)
+
+    def build_extension(self, ext):
+        try:
+            super().build_extension(ext)
+        except (CCompilerError, DistutilsError, OSError) as exc:
+            self.failed.append(f"{ext.name} did not compile ({exc})")
+
+
+setup(ext_modules=extensions(), cmdclass={"build_ext": OptionalBuildExt})

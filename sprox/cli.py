@@ -29,7 +29,8 @@ CACHE_EPILOGUES = {
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sprox", description="Sprox: a drop-in S3 caching proxy.")
-    parser.add_argument("--version", action="version", version=version_text())
+    parser.add_argument("--version", action=_Version, nargs=0, help="show the version, whether the native "
+                        "extensions and io_uring work here, and exit")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     serve = commands.add_parser(
         "serve", help="run the S3 endpoint",
@@ -91,11 +92,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def version_text() -> str:
-    from . import ranges
+class _Version(argparse.Action):
+    """--version, computed only when asked (it probes io_uring), printed unwrapped."""
 
-    native = "native extensions loaded" if ranges.NATIVE else "pure-Python (no native extensions)"
-    return f"sprox {__version__} ({native})"
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(version_text())
+        parser.exit()
+
+
+def version_text() -> str:
+    """The version, and what this install runs: native extensions or their pure-Python
+    twins, and whether io_uring works here (and why not)."""
+    from . import lane, ranges, uring
+
+    if ranges.NATIVE and lane.NATIVE:
+        native = "native extensions loaded"
+    else:
+        native = ("pure-Python build (no native extensions: cache hits cost more CPU; "
+                  "see the install log, or reinstall with a C compiler)")
+    works, reason = uring.available()
+    io = "io_uring available" if works else f"io_uring not available: {reason}"
+    return f"sprox {__version__} ({native}; {io})"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -349,6 +366,12 @@ async def serve(config: Config) -> int:
           f"  cache: {cache}\n  auth: {config.auth_mode}"
           + (f"\n  admin: {sprox.admin_endpoint}{ADMIN_PREFIX} (not on the data port)"
              if config.admin_port is not None else ""), flush=True)
+    from . import lane, ranges
+
+    if not (ranges.NATIVE and lane.NATIVE):
+        logging.getLogger("sprox").warning(
+            "running the pure-Python build (native extensions not loaded): cache hits cost more CPU; "
+            "`sprox --version` says more")
     try:
         await stop.wait()
     finally:
