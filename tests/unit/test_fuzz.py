@@ -9,7 +9,6 @@ prints the falsifying example and a `@reproduce_failure` blob to replay it.
 
 from __future__ import annotations
 
-import asyncio
 import os
 from types import ModuleType
 from urllib.parse import unquote
@@ -20,7 +19,6 @@ from hypothesis import strategies as st
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from sprox._native import _ranges_py
-from sprox.s3.chunked import AwsChunkedDecoder
 from sprox.s3.errors import S3Error
 from sprox.s3.request import (
     MAX_KEY_BYTES,
@@ -28,6 +26,7 @@ from sprox.s3.request import (
     parse_request,
     valid_bucket_name,
 )
+from tests.unit.test_chunked import decode
 
 FUZZ = settings(
     max_examples=int(os.environ.get("SPROX_FUZZ_EXAMPLES", "200")),
@@ -209,38 +208,12 @@ def chunked_bodies(draw) -> bytes:
     return bytes(body)
 
 
-async def _decode_all(body: bytes, feed_sizes: list[int], with_trailer: bool) -> bytes:
-    reader = asyncio.StreamReader()
-
-    async def feed() -> None:
-        offset = index = 0
-        while offset < len(body):
-            size = feed_sizes[index % len(feed_sizes)]
-            reader.feed_data(body[offset:offset + size])
-            offset += size
-            index += 1
-            await asyncio.sleep(0)
-        reader.feed_eof()
-
-    feeder = asyncio.create_task(feed())
-    try:
-        decoder = AwsChunkedDecoder(reader, with_trailer=with_trailer)
-        # Every body is followed by EOF, so a decoder that waits past it is a hang.
-        return await asyncio.wait_for(_join(decoder), timeout=10)
-    finally:
-        await feeder
-
-
-async def _join(decoder: AwsChunkedDecoder) -> bytes:
-    return b"".join([piece async for piece in decoder])
-
-
 @FUZZ
 @given(body=chunked_bodies(), feed_sizes=st.lists(st.integers(1, 64), min_size=1, max_size=4),
        with_trailer=st.booleans())
 def test_aws_chunked_decoder_decodes_or_raises_a_400(body: bytes, feed_sizes: list[int], with_trailer: bool):
     try:
-        data = asyncio.run(_decode_all(body, feed_sizes, with_trailer))
+        data = b"".join(decode(body, with_trailer=with_trailer, feed_sizes=feed_sizes)[0])
     except S3Error as error:
         assert error.status == 400 and error.code in CHUNKED_CODES, error
         return
