@@ -189,9 +189,12 @@ class FrontEnd:
         """A fast-lane answer is finished (or its connection was lost)."""
         self.cache.release_hit(hit.plan, committed=True)
         plan = hit.plan
-        first_byte, object_size = object_span(hit.request.method, plan.status, plan.content_range, plan.length)
-        self._record_access(hit.request_headers, hit.request.request_id, hit.request, bytes_sent,
-                            plan.status, hit.started_at, time.monotonic() - hit.started, first_byte, object_size)
+        # The plan's offset is the object offset of its first byte (block files hold
+        # objects at their own offsets); a HEAD reads none.
+        request = hit.request
+        self._record_access(hit.request_headers, request.request_id, request, bytes_sent, plan.status,
+                            hit.started_at, time.monotonic() - hit.started,
+                            plan.offset if request.method == "GET" else None, plan.record.size)
 
     def parse(self, http: web.Request, request_id: str) -> S3Request:
         request = parse_request(http.method, http.raw_path, http.headers, domain=self.domain,

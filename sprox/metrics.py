@@ -8,11 +8,11 @@ Cache figures (bytes, objects, evictions, fills) are read from the cache when sc
 from __future__ import annotations
 
 import bisect
-from collections import Counter
 from collections.abc import Iterable, Sequence
 
 # Seconds: a fill takes from a few milliseconds (a small block nearby) to minutes.
 FILL_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+_STATUS_CLASS = {1: "1xx", 2: "2xx", 3: "3xx", 4: "4xx", 5: "5xx"}
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
 
 
@@ -48,22 +48,27 @@ class RequestMetrics:
     """Counters of the requests Sprox answered, fed once per request."""
 
     def __init__(self) -> None:
-        self.requests: Counter[tuple[str, str]] = Counter()  # (operation, status class)
-        self.object_reads: Counter[str] = Counter()  # cache outcome
-        self.bytes_sent: Counter[str] = Counter()  # cache outcome ("none": not an object read)
+        self.requests: dict[tuple[str, str], int] = {}  # (operation, status class)
+        self.object_reads: dict[str, int] = {}  # cache outcome
+        self.bytes_sent: dict[str, int] = {}  # cache outcome ("none": not an object read)
         self.upstream_requests = 0
         self.upstream_bytes = 0
         self.latency: dict[str, Histogram] = {}  # cache outcome of GetObject
 
     def observe(self, operation: str, status: int, cache: str | None, bytes_sent: int,
                 upstream_requests: int, upstream_bytes: int, seconds: float) -> None:
-        self.requests[(operation, f"{status // 100}xx")] += 1
+        # On every request's path (a cache hit's too): plain dict arithmetic only.
+        key = (operation, _STATUS_CLASS.get(status // 100, "other"))
+        requests = self.requests
+        requests[key] = requests.get(key, 0) + 1
         outcome = cache or "none"
-        self.bytes_sent[outcome] += bytes_sent
+        sent = self.bytes_sent
+        sent[outcome] = sent.get(outcome, 0) + bytes_sent
         self.upstream_requests += upstream_requests
         self.upstream_bytes += upstream_bytes
         if cache is not None:
-            self.object_reads[cache] += 1
+            reads = self.object_reads
+            reads[cache] = reads.get(cache, 0) + 1
             if operation == "GetObject":
                 histogram = self.latency.get(cache)
                 if histogram is None:

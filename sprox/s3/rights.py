@@ -30,6 +30,8 @@ class KeyRights(Protocol):
 
 def denial(rights: KeyRights, request: S3Request) -> str | None:
     """Why `rights` do not allow `request`, or None when they do."""
+    if rights.buckets is None and (rights.write or request.method in ("GET", "HEAD")):
+        return None  # every bucket (copy sources too), and the method is allowed
     if request.bucket is None:
         if rights.buckets is not None:
             return "this key may use only some buckets, so it may not list them all"
