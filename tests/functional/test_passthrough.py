@@ -342,3 +342,20 @@ def test_wrong_trailing_checksum_is_bad_digest_and_stores_nothing(sprox):
     assert status == 400, answer
     assert error_code(answer) == "BadDigest"
     assert s3.list_objects_v2(Bucket=bucket)["KeyCount"] == 0
+
+
+def test_a_large_delete_objects_body_is_parsed_off_the_loop_and_deletes_every_key(sprox_local):
+    """Over 64 KiB of DeleteObjects XML is parsed on a thread (frontend.py); every key
+    it names is deleted, and the cache forgets them."""
+    s3 = client_for(sprox_local.endpoint)
+    bucket = f"bulk-{uuid.uuid4().hex[:12]}"
+    s3.create_bucket(Bucket=bucket)
+    keys = [f"{'k' * 240}-{i:04d}" for i in range(300)]  # about 90 KiB of XML
+    for key in keys:
+        s3.put_object(Bucket=bucket, Key=key, Body=b"x")
+    assert s3.get_object(Bucket=bucket, Key=keys[0])["Body"].read() == b"x"  # cached now
+    answer = s3.delete_objects(Bucket=bucket, Delete={"Objects": [{"Key": k} for k in keys]})
+    assert len(answer.get("Deleted", [])) == len(keys) and not answer.get("Errors")
+    assert s3.list_objects_v2(Bucket=bucket)["KeyCount"] == 0
+    with pytest.raises(ClientError):
+        s3.get_object(Bucket=bucket, Key=keys[0])
