@@ -35,7 +35,7 @@ from ..s3 import conditions, errors
 from ..s3.request import S3Request
 from ..upstream.base import Origin, OriginResponse, UpstreamBodyError
 from .blockfiles import BlockFiles, punch_hole
-from .fill import FAILED, PERSISTED, BlockFill, FillRun, NotCached, ObjectChanged
+from .fill import FAILED, PERSISTED, BlockFill, FillRun, NotCached, ObjectChanged, upstream_failure
 from .io import ALIGNMENT, IOBackend, make_backend
 from .index import CacheIndex
 from .policy import S3FIFO
@@ -359,6 +359,11 @@ class ObjectCache:
                         (length is None or length == str(record.size)):
                     self.index.validated(record, time.time())
                     pending.set_result(record)
+                elif response.status >= 500:
+                    # The origin is failing, not the object changing: the client gets the
+                    # error (never possibly stale bytes), and the record stays for when
+                    # the origin is back.
+                    raise upstream_failure(response.status)
                 else:
                     self._drop_record(record)
                     pending.set_result(None)

@@ -625,3 +625,27 @@ def test_retries_in_front_of_moto_with_boto3(start_sprox, tmp_path, moto_server)
             object_bytes("obj", SIZE)[5:70001]  # fills blocks 0-1
         assert proxy.count("HEAD", "obj") == MAX_ATTEMPTS and proxy.count("GET", "obj") == MAX_ATTEMPTS
         sprox.stop()
+
+
+@pytest.mark.parametrize("fault, status, code", [(Fault.ERROR_503, 503, "SlowDown"),
+                                                 (Fault.ERROR_500, 500, "InternalError")])
+def test_a_failing_revalidation_is_the_origins_error_and_keeps_the_record(start_sprox, tmp_path, origin,
+                                                                          fault, status, code):
+    """A stale record whose revalidation HEAD keeps failing: the client gets the
+    origin's error (never possibly stale bytes), and the record and its blocks stay,
+    so once the origin is back the object is a hit again without refetching."""
+    sprox = Sprox(start_sprox, tmp_path, origin, "cache")
+    key = "revalidate"
+    origin.put(key)
+    first = sprox.get(key)
+    assert first.status == 200 and check_bytes(key, 0, first.body) is None
+    fetched = origin.proxy.count("GET", key)
+    origin.proxy.inject(fault, method="HEAD", key=key, times=None)
+    # Cache-Control: no-cache makes Sprox revalidate now, as an expired --ttl would.
+    assert_s3_error(sprox.get(key, **{"Cache-Control": "no-cache"}), status, code)
+    assert origin.proxy.count("HEAD", key) == MAX_ATTEMPTS
+    origin.proxy.clear()
+    again = sprox.get(key, **{"Cache-Control": "no-cache"})
+    assert again.status == 200 and check_bytes(key, 0, again.body) is None and again.headers["x-cache"] == "HIT"
+    assert origin.proxy.count("GET", key) == fetched  # its blocks were kept
+    sprox.stop_and_check_cache({key: (key, SIZE)})
