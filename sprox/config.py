@@ -390,6 +390,12 @@ def _validate(c: Config) -> None:
         raise ConfigError("--max-connections", f"{c.max_connections!r} is not a positive whole number")
     if not c.host:
         raise ConfigError("--host", "must not be empty")
+    if not c.admin_host:
+        raise ConfigError("--admin-host", "must not be empty (an empty host would listen on every address)")
+    if c.access_key and any(k.access_key == c.access_key for k in c.keys):
+        # Which one would win is a surprise either way, and one of them may be the
+        # restricted key the operator meant: refuse rather than pick.
+        raise ConfigError("--access-key", f"{c.access_key!r} is also a [[keys]] entry: configure it once")
     if not is_loopback(c.host):
         try:
             socket.getaddrinfo(c.host, None, flags=socket.AI_NUMERICHOST)

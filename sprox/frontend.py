@@ -29,7 +29,7 @@ from .metrics import RequestMetrics
 from .s3 import errors, rights, xml
 from .s3.body import RequestBody
 from .s3.request import S3Request, new_request_id, parse_request
-from .sockets import wait_writable
+from .sockets import sendfile_all
 from .upstream.base import Origin, OriginResponse, UpstreamBodyError
 
 log = logging.getLogger("sprox.frontend")
@@ -348,7 +348,10 @@ class FrontEnd:
             await self._copy_span(response, span)
             return
         sock = transport.get_extra_info("socket")
-        await sendfile_to_socket(sock.fileno(), span.fd, span.offset, span.length)
+        try:
+            await sendfile_all(sock.fileno(), span.fd, span.offset, span.length, transport.is_closing)
+        except EOFError:
+            raise UpstreamBodyError("block file shorter than its index says") from None
 
     async def _copy_span(self, response: web.StreamResponse, span) -> None:
         offset, remaining = span.offset, span.length
@@ -372,12 +375,17 @@ def object_span(method: str, status: int, content_range: str | None,
     if status == 206 and content_range and content_range.startswith("bytes "):
         span, _, total = content_range[6:].partition("/")
         first = span.partition("-")[0]
-        if first.isdigit():
-            return int(first), int(total) if total.isdigit() else None
+        if _digits(first):
+            return int(first), int(total) if _digits(total) else None
         return None, None
-    if status == 200 and content_length is not None and str(content_length).isdigit():
+    if status == 200 and content_length is not None and _digits(str(content_length)):
         return (0 if method == "GET" else None), int(content_length)
     return None, None
+
+
+def _digits(text: str) -> bool:
+    # ASCII only: "²".isdigit() is true, and an upstream's headers are not to be trusted.
+    return text.isascii() and text.isdigit()
 
 
 # Spans up to this size are read and written in one go: copying 64 KiB costs less
@@ -400,22 +408,6 @@ def read_if_cached(fd: int, size: int, offset: int) -> bytes | None:
     if got < size:
         return None if got == 0 else bytes(buffer[:got])
     return bytes(buffer)
-
-
-async def sendfile_to_socket(sock_fd: int, file_fd: int, offset: int, count: int) -> None:
-    """Send a file span on a non-blocking socket with sendfile(2), waiting for the
-    socket to become writable when its buffer is full; never blocks the loop on the
-    socket. (Pages not in the page cache are read by the kernel during the call.)"""
-    while count > 0:
-        try:
-            sent = os.sendfile(sock_fd, file_fd, offset, count)
-        except BlockingIOError:
-            await wait_writable(sock_fd)
-            continue
-        if sent == 0:
-            raise UpstreamBodyError("block file shorter than its index says")
-        offset += sent
-        count -= sent
 
 
 @dataclass(slots=True)

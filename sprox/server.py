@@ -61,6 +61,19 @@ def raise_open_file_limit(max_connections: int) -> int:
     return target
 
 
+def _from_this_machine(request: web.Request) -> bool:
+    """A loopback peer, or one whose address is the one it reached us on (a client on
+    this machine connecting to its own non-loopback address, as `sprox cache purge`
+    does with --admin-host 10.0.0.5)."""
+    remote = request.remote
+    if not remote:
+        return False
+    if remote.startswith("127.") or remote in ("::1", "::ffff:127.0.0.1"):
+        return True
+    sockname = request.transport.get_extra_info("sockname") if request.transport is not None else None
+    return bool(sockname) and remote == sockname[0]
+
+
 def make_origin(config: Config) -> Origin:
     if config.upstream:
         from .upstream.s3 import S3Upstream
@@ -196,7 +209,7 @@ class Sprox:
         """Purge cached objects of a running Sprox (used by `sprox cache purge`)."""
         if self.cache is None:
             return web.json_response({"purged": 0})
-        if not request.remote or not request.remote.startswith(("127.", "::1")):
+        if not _from_this_machine(request):
             return web.json_response({"error": "purge is only accepted from this machine"}, status=403)
         bucket = request.query.get("bucket") or None
         prefix = request.query.get("prefix", "")

@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import Callable
 
 # A client that takes nothing for this long is given up on (nginx's send_timeout).
 SEND_TIMEOUT_SECONDS = 60.0
+CLOSING_CHECK_SECONDS = 1.0
 
 
 async def wait_writable(fd: int, waiter: asyncio.Future | None = None,
@@ -42,3 +44,39 @@ async def wait_writable(fd: int, waiter: asyncio.Future | None = None,
 def _set_once(future: asyncio.Future) -> None:
     if not future.done():
         future.set_result(None)
+
+
+async def sendfile_all(sock_fd: int, file_fd: int, offset: int, count: int,
+                       closing: Callable[[], bool]) -> None:
+    """sendfile(2) `count` bytes of `file_fd` from `offset` to a socket a transport
+    owns, waiting for room as needed. `closing()` says whether the transport is going
+    away; the send stops (ConnectionResetError) once it does.
+
+    The transport may close its socket while we wait, and the kernel may then hand
+    its descriptor number to any new file or socket: so from the start only our own
+    duplicate is used, which can only ever be this connection. A client that takes
+    nothing for SEND_TIMEOUT_SECONDS is given up on (TimeoutError)."""
+    loop = asyncio.get_running_loop()
+    own = os.dup(sock_fd)
+    try:
+        quiet_since = loop.time()
+        while count > 0:
+            if closing():
+                raise ConnectionResetError("client went away")
+            try:
+                sent = os.sendfile(own, file_fd, offset, count)
+            except BlockingIOError:
+                if loop.time() - quiet_since >= SEND_TIMEOUT_SECONDS:
+                    raise TimeoutError("the client took no bytes for too long") from None
+                try:  # wake at least every second to notice the transport closing
+                    await wait_writable(own, timeout=CLOSING_CHECK_SECONDS)
+                except TimeoutError:
+                    pass
+                continue
+            if sent == 0:
+                raise EOFError("file shorter than the span to send")
+            offset += sent
+            count -= sent
+            quiet_since = loop.time()
+    finally:
+        os.close(own)

@@ -46,7 +46,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from sprox.s3 import errors
 from sprox.s3.request import new_request_id, split_target
-from sprox.sockets import wait_writable
+from sprox.sockets import SEND_TIMEOUT_SECONDS, wait_writable
 
 log = logging.getLogger("sprox.lane")
 
@@ -57,6 +57,7 @@ MAX_HEADERS = 128
 MAX_QUEUED = 16  # parsed requests waiting for their turn before reading pauses
 KEEPALIVE_SECONDS = 75.0  # an idle connection is closed after this
 HEAD_SECONDS = 60.0  # a request's head must arrive within this
+SEND_CHECK_SECONDS = 10.0  # how often a connection with an answer in progress is checked
 # A request body may go this long without a byte while we are reading it (nginx's
 # client_body_timeout); the time reading is paused (the upstream, or the queue, is
 # slower than the client) is ours, not the client's, and does not count.
@@ -194,6 +195,11 @@ class Connection(asyncio.Protocol):
         self.read_resumed = 0.0  # loop time reading last resumed (a body's quiet time starts there at the latest)
         self.inner_wrote = False  # aiohttp wrote (part of) an answer since its last complete one
         self.refused = False  # over the connection limit: answered 503, never served
+        # Bytes aiohttp wrote through us, and the last time the client was seen taking
+        # some: aiohttp's drain() waits on a client that stops reading without a timeout.
+        self.inner_written = 0
+        self.last_drained = 0
+        self.drained_at = 0.0
         self.timer: asyncio.TimerHandle | None = None
 
     # -- asyncio.Protocol ----------------------------------------------------------------------
@@ -513,6 +519,8 @@ class Connection(asyncio.Protocol):
             self.waiter = None
             if not self.closed:
                 transport.set_write_buffer_limits(high=high, low=low)
+        if self.closed:  # lost in the same turn: its descriptor number may be reused already
+            raise ConnectionResetError("client went away")
 
     async def _wait_writable(self) -> None:
         if self.closed:
@@ -523,6 +531,8 @@ class Connection(asyncio.Protocol):
             await wait_writable(self.sock_fd, self.waiter)
         finally:
             self.waiter = None
+        if self.closed:  # lost in the same turn: its descriptor number may be reused already
+            raise ConnectionResetError("client went away")
 
     async def _send_head_direct(self, head: bytes) -> None:
         view = memoryview(head)
@@ -687,8 +697,24 @@ class Connection(asyncio.Protocol):
         if not in_progress and idle >= KEEPALIVE_SECONDS:
             self.transport.close()
             return
+        if in_progress and self._client_stopped_reading(now):
+            log.info("closing a connection whose client took none of its answer for %.0f s", SEND_TIMEOUT_SECONDS)
+            self.abort()
+            return
         self.timer = self.loop.call_later(max(0.0, KEEPALIVE_SECONDS - idle) if not in_progress
-                                          else KEEPALIVE_SECONDS, self._check_idle)
+                                          else SEND_CHECK_SECONDS, self._check_idle)
+
+    def _client_stopped_reading(self, now: float) -> bool:
+        """Whether answer bytes have waited in the transport for SEND_TIMEOUT_SECONDS
+        without the client taking any (the fast lane's own sends time out in
+        sprox.sockets; this covers what aiohttp writes)."""
+        buffered = self.transport.get_write_buffer_size()
+        drained = self.inner_written - buffered
+        if buffered == 0 or drained != self.last_drained or self.drained_at == 0.0:
+            self.last_drained = drained
+            self.drained_at = now
+            return False
+        return now - self.drained_at >= SEND_TIMEOUT_SECONDS
 
     def _body_timed_out(self, message: _Message) -> None:
         """A request body went quiet: answer 400 RequestTimeout if nothing of its answer
@@ -763,10 +789,12 @@ class _InnerTransport(asyncio.Transport):
     def write(self, data) -> None:
         if data != _CONTINUE:
             self._lane.inner_wrote = True
+        self._lane.inner_written += len(data)
         self._real.write(data)
 
     def writelines(self, list_of_data) -> None:
         self._lane.inner_wrote = True
+        self._lane.inner_written += sum(len(data) for data in list_of_data)
         self._real.writelines(list_of_data)
 
     def is_closing(self) -> bool:

@@ -173,7 +173,7 @@ def _total_size(response: OriginResponse) -> int | None:
         total = response.headers.get("Content-Range", "").rpartition("/")[2]
     else:
         total = response.headers.get("Content-Length", "")
-    return int(total) if total.isdigit() else None
+    return int(total) if total.isascii() and total.isdigit() else None
 
 
 def upstream_failure(status: int) -> errors.S3Error:

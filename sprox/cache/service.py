@@ -382,7 +382,7 @@ class ObjectCache:
     def _as_passthrough(self, response: OriginResponse) -> CachedAnswer:
         length = response.headers.get("Content-Length")
         return CachedAnswer(response.status, CIMultiDict(response.headers),
-                            int(length) if length and length.isdigit() else -1, "MISS", passthrough=response)
+                            int(length) if length and length.isascii() and length.isdigit() else -1, "MISS", passthrough=response)
 
     async def _passthrough(self, request: S3Request) -> CachedAnswer:
         request.stats.upstream_requests += 1

@@ -45,7 +45,7 @@ CLIENT_AUTH = frozenset({"authorization", "x-amz-date", "date", "x-amz-security-
 RESPONSE_DROP = frozenset({"connection", "keep-alive", "transfer-encoding", "content-length", "server", "date"})
 
 RETRYABLE_STATUS = frozenset({500, 502, 503, 504})
-_CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
+_CONTENT_RANGE = re.compile(r"^bytes ([0-9]+)-([0-9]+)/([0-9]+|\*)$")  # ASCII digits only
 MAX_ATTEMPTS = 3
 
 
@@ -337,6 +337,6 @@ def _length_matches_range(headers) -> bool:
     when either is missing or not of the single-range form: nothing to compare)."""
     length = headers.get("Content-Length")
     match = _CONTENT_RANGE.match(headers.get("Content-Range", ""))
-    if length is None or match is None or not length.isdigit():
+    if length is None or match is None or not (length.isascii() and length.isdigit()):
         return True
     return int(length) == int(match.group(2)) - int(match.group(1)) + 1

@@ -203,3 +203,17 @@ print("ok")
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert "raised the open-file limit (RLIMIT_NOFILE) from 256" in result.stdout and result.stdout.endswith("ok\n")
+
+
+def test_an_access_key_also_in_keys_is_refused(tmp_path: Path):
+    """--access-key would silently replace a restricted [[keys]] entry with a full-rights
+    key of the same id: refused instead."""
+    cfg = tmp_path / "sprox.toml"
+    cfg.write_text('[[keys]]\naccess_key = "reader"\nsecret_key = "s"\nbuckets = ["public"]\nwrite = false\n')
+    with pytest.raises(ConfigError, match="--access-key"):
+        load({"config": str(cfg)}, environ={"SPROX_ACCESS_KEY": "reader", "SPROX_SECRET_KEY": "x"})
+
+
+def test_an_empty_admin_host_is_refused():
+    with pytest.raises(ConfigError, match="--admin-host"):
+        Config(admin_host="", admin_port=0)

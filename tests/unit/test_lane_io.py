@@ -422,3 +422,57 @@ def test_a_connection_over_the_limit_gets_slow_down_at_once(module, tmp_path):
         asyncio.run(run())
     finally:
         os.close(fd)
+
+
+# -- a client that stops reading an answer aiohttp writes ---------------------------------------
+
+
+@pytest.mark.parametrize("module", LANES)
+def test_a_client_that_takes_none_of_an_aiohttp_answer_is_cut_off(module, monkeypatch):
+    """aiohttp waits in drain() for a client that stops reading, without a timeout of
+    its own: after SEND_TIMEOUT_SECONDS without the client taking a byte, the lane
+    closes the connection, and the handler's write fails instead of waiting forever."""
+    lane = importlib.import_module(module)
+    monkeypatch.setattr(lane, "SEND_TIMEOUT_SECONDS", 0.5)
+    monkeypatch.setattr(lane, "SEND_CHECK_SECONDS", 0.1)
+    monkeypatch.setattr(lane, "HEAD_SECONDS", 0.1)  # the first check of a connection comes then
+    outcome: list[str] = []
+
+    async def big(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse()
+        response.content_length = 64 * 1024 * 1024
+        await response.prepare(request)
+        try:
+            for _ in range(1024):
+                await response.write(b"x" * 65536)
+        except Exception as exc:  # what a handler streaming from the upstream would see
+            outcome.append(type(exc).__name__)
+            raise
+        outcome.append("finished")
+        return response
+
+    async def run():
+        app = web.Application()
+        app.router.add_get("/{tail:.*}", big)
+        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await runner.setup()
+        lanes, listener, port = await _serve(lane, NoHits(), runner.server)
+        client = socket.create_connection(("127.0.0.1", port))
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        try:
+            client.sendall(b"GET /b/k HTTP/1.1\r\nHost: x\r\n\r\n")
+            started = asyncio.get_running_loop().time()
+            async with asyncio.timeout(10):
+                while not outcome:  # the client reads nothing at all
+                    await asyncio.sleep(0.05)
+            elapsed = asyncio.get_running_loop().time() - started
+        finally:
+            client.close()
+            listener.close()
+            await lanes.shutdown(1.0)
+            await runner.cleanup()
+        return elapsed
+
+    elapsed = asyncio.run(run())
+    assert outcome != ["finished"] and outcome
+    assert 0.5 <= elapsed < 5

@@ -1,6 +1,7 @@
 """Sending a file span on a socket whose reader stalls or goes away: the sender waits
-without blocking the loop, and ends (with an error, never a hang) when the peer leaves
-or takes nothing for the send timeout. On real sockets, on asyncio's loop."""
+without blocking the loop, ends (with an error, never a hang) when the peer leaves, the
+transport closes, or nothing is taken for the send timeout, and never writes to a
+descriptor number the transport gave up. On real sockets, on asyncio's loop."""
 
 from __future__ import annotations
 
@@ -10,8 +11,7 @@ import socket
 
 import pytest
 
-from sprox.frontend import sendfile_to_socket
-from sprox.sockets import wait_writable
+from sprox.sockets import sendfile_all, wait_writable
 
 SPAN = 8 * 1024 * 1024  # far more than a socket pair's buffers hold
 
@@ -36,7 +36,7 @@ def test_sender_ends_when_the_reader_goes_away(span_file):
 
     async def main():
         loop = asyncio.get_running_loop()
-        sending = asyncio.ensure_future(sendfile_to_socket(sender.fileno(), span_file, 0, SPAN))
+        sending = asyncio.ensure_future(sendfile_all(sender.fileno(), span_file, 0, SPAN, lambda: False))
         await asyncio.sleep(0)  # the span fills the socket and waits for room
         while not reader.recv(1, socket.MSG_PEEK):
             await asyncio.sleep(0)
@@ -57,7 +57,7 @@ def test_sender_delivers_every_byte_to_a_slow_reader(span_file):
 
     async def main():
         loop = asyncio.get_running_loop()
-        sending = asyncio.ensure_future(sendfile_to_socket(sender.fileno(), span_file, 0, SPAN))
+        sending = asyncio.ensure_future(sendfile_all(sender.fileno(), span_file, 0, SPAN, lambda: False))
         reader.setblocking(False)
         while len(received) < SPAN:
             try:
@@ -116,4 +116,43 @@ def test_wait_writable_ends_when_its_waiter_is_failed():
         asyncio.run(main())
     finally:
         sender.close()
+        reader.close()
+
+
+def test_a_closed_transport_ends_the_send_and_its_reused_number_gets_nothing(span_file, tmp_path):
+    """The transport closes its socket while the span waits for room, and the kernel
+    hands the same descriptor number to a new file: the send must end, and not one byte
+    may land in that file."""
+    sender, reader = stalled_pair()
+    number = sender.fileno()
+    closing = False
+
+    async def main():
+        nonlocal closing
+        sending = asyncio.ensure_future(sendfile_all(number, span_file, 0, SPAN, lambda: closing))
+        await asyncio.sleep(0)
+        while not reader.recv(1, socket.MSG_PEEK):
+            await asyncio.sleep(0)
+        assert not sending.done()
+        closing = True
+        sender.close()  # what the transport does; the number is free again
+        reused = os.open(tmp_path / "innocent", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            assert reused == number  # the lowest free number: the one just released
+            reader.setblocking(False)
+            while not sending.done():  # the client reads again: the socket has room
+                try:
+                    reader.recv(1 << 20)
+                except BlockingIOError:
+                    pass
+                await asyncio.sleep(0.01)
+            with pytest.raises(ConnectionResetError):
+                await sending
+        finally:
+            os.close(reused)
+        assert (tmp_path / "innocent").stat().st_size == 0
+
+    try:
+        asyncio.run(asyncio.wait_for(main(), 10))
+    finally:
         reader.close()
