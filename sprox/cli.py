@@ -235,7 +235,8 @@ def verify_command(cache_dir: Path) -> int:
 def warm_command(args: argparse.Namespace, cache_dir: Path) -> int:
     import aiohttp
 
-    from .cache import admin, warm
+    from . import warm
+    from .cache import admin
     from .progress import Progress
 
     try:

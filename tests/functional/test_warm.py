@@ -103,7 +103,7 @@ def test_warm_caches_every_object_under_the_prefix_and_nothing_else(
     assert f"{len(INSIDE)} already cached, 0 fetched, 0 failed" in second.stdout, second.stdout
 
     # Pages: the listing follows continuation tokens (two keys a page here).
-    from sprox.cache.warm import RequestSigner, Warmer
+    from sprox.warm import RequestSigner, Warmer
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("AWS_ACCESS_KEY_ID", TEST_ACCESS_KEY)

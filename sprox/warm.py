@@ -25,8 +25,8 @@ from pathlib import Path
 import aiohttp
 from yarl import URL
 
-from ..progress import format_bytes
-from ..s3 import xml
+from .progress import format_bytes
+from .s3 import xml
 
 _CHUNK = 1 << 20
 _TICK = 0.25  # seconds between redraws of a progress display while reads stall
@@ -289,7 +289,7 @@ async def warm(endpoint: str, bucket: str, prefix: str, *, concurrency: int = 8,
 
 def running_endpoint(cache_dir: Path) -> str | None:
     """The S3 endpoint of the Sprox running on `cache_dir`, None when none runs there."""
-    from . import admin
+    from .cache import admin
 
     if not cache_dir.is_dir():
         return None
