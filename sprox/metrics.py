@@ -76,7 +76,8 @@ class RequestMetrics:
                 histogram.observe(seconds)
 
 
-def render(requests: RequestMetrics, cache=None, fast_lane_hits: int = 0) -> str:
+def render(requests: RequestMetrics, cache=None, fast_lane_hits: int = 0, connections: int = 0,
+           refused_connections: int = 0) -> str:
     """The exposition text. `cache` is the ObjectCache, or None with --no-cache."""
     out: list[str] = []
 
@@ -100,6 +101,10 @@ def render(requests: RequestMetrics, cache=None, fast_lane_hits: int = 0) -> str
            [f"sprox_upstream_received_bytes_total {requests.upstream_bytes}"])
     metric("sprox_fast_lane_hits_total", "counter", "Cache hits answered by the fast lane.",
            [f"sprox_fast_lane_hits_total {fast_lane_hits}"])
+    metric("sprox_connections", "gauge", "Client connections being served.",
+           [f"sprox_connections {connections}"])
+    metric("sprox_connections_refused_total", "counter", "Connections answered 503 SlowDown and closed because "
+           "--max-connections were being served.", [f"sprox_connections_refused_total {refused_connections}"])
     metric("sprox_get_latency_seconds", "histogram", "GetObject latency, request start to last byte, by cache "
            "outcome.", (line for outcome, h in sorted(requests.latency.items())
                         for line in h.lines("sprox_get_latency_seconds", f'outcome="{outcome}"')))

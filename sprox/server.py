@@ -175,7 +175,10 @@ class Sprox:
 
     async def _metrics(self, request: web.Request) -> web.Response:
         """Prometheus text format (sprox/metrics.py)."""
-        text = metrics.render(self.frontend.metrics, self.cache, self.frontend.fast_hits)
+        lanes = self._lanes
+        text = metrics.render(self.frontend.metrics, self.cache, self.frontend.fast_hits,
+                              connections=len(lanes.connections) if lanes is not None else 0,
+                              refused_connections=lanes.refused_total if lanes is not None else 0)
         return web.Response(text=text, content_type="text/plain", headers={"X-Content-Type-Options": "nosniff"},
                             charset="utf-8")
 

@@ -63,3 +63,5 @@ def test_metrics_count_what_was_served(start_sprox, tmp_path):
     fills = m[("sprox_cache_fills_total", ())]
     assert fills >= 1 and m[("sprox_cache_fill_seconds_count", ())] == fills
     assert m[("sprox_fast_lane_hits_total", ())] <= outcomes.get("HIT", 0)
+    assert m[("sprox_connections", ())] >= 1  # the scrape's own, at least
+    assert m[("sprox_connections_refused_total", ())] == 0
