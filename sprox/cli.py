@@ -14,6 +14,7 @@ from pathlib import Path
 from . import config as config_mod
 from ._version import __version__
 from .config import SETTINGS, Config, ConfigError
+from .s3.numbers import decimal
 
 CACHE_EPILOGUES = {
     "verify": ". Shows progress on standard error (a bar on a terminal, plain lines otherwise). "
@@ -321,8 +322,9 @@ def parse_when(text: str | None, flag: str) -> datetime | None:
     if text is None:
         return None
     units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-    if text[:-1].isdigit() and text[-1:] in units:
-        return datetime.now(timezone.utc) - timedelta(seconds=int(text[:-1]) * units[text[-1]])
+    age = decimal(text[:-1])
+    if age is not None and text[-1:] in units:
+        return datetime.now(timezone.utc) - timedelta(seconds=age * units[text[-1]])
     try:
         when = datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:

@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from .s3.numbers import decimal
+
 LOG_LEVELS = ("debug", "info", "warning", "error")
 AUTH_MODES = ("none", "sigv4")
 IO_BACKENDS = ("auto", "uring", "threads")
@@ -183,9 +185,10 @@ class Setting:
 
 def _parse_int(text: str) -> int:
     text = text.strip()
-    if not text.lstrip("-").isdigit():
+    number = decimal(text.removeprefix("-"))
+    if number is None:
         raise ValueError(f"{text!r} is not a whole number")
-    return int(text)
+    return -number if text.startswith("-") else number
 
 
 def _parse_float(text: str) -> float:

@@ -28,6 +28,7 @@ from .cache.service import OBJECT_WRITES, FileSpan, HitPlan
 from .metrics import RequestMetrics
 from .s3 import errors, rights, xml
 from .s3.body import RequestBody
+from .s3.numbers import decimal, parse_content_range
 from .s3.request import S3Request, new_request_id, parse_request
 from .sockets import sendfile_all
 from .upstream.base import Origin, OriginResponse, UpstreamBodyError
@@ -372,20 +373,16 @@ def object_span(method: str, status: int, content_range: str | None,
                 content_length: str | int | None) -> tuple[int | None, int | None]:
     """(first byte, object size) of an object read's answer, for the access log: from
     `Content-Range: bytes a-b/size` on a 206, else the whole object on a 200."""
-    if status == 206 and content_range and content_range.startswith("bytes "):
-        span, _, total = content_range[6:].partition("/")
-        first = span.partition("-")[0]
-        if _digits(first):
-            return int(first), int(total) if _digits(total) else None
-        return None, None
-    if status == 200 and content_length is not None and _digits(str(content_length)):
-        return (0 if method == "GET" else None), int(content_length)
+    if status == 206:
+        span = parse_content_range(content_range)
+        if span is not None:
+            return span[0], span[2]
+        # A total that is no number still says where the bytes started.
+        return decimal((content_range or "").removeprefix("bytes ").partition("-")[0]), None
+    length = content_length if isinstance(content_length, int) else decimal(content_length)
+    if status == 200 and length is not None:
+        return (0 if method == "GET" else None), length
     return None, None
-
-
-def _digits(text: str) -> bool:
-    # ASCII only: "²".isdigit() is true, and an upstream's headers are not to be trusted.
-    return text.isascii() and text.isdigit()
 
 
 # Spans up to this size are read and written in one go: copying 64 KiB costs less

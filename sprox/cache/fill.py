@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from ..s3 import errors
 from ..upstream.base import OriginResponse, UpstreamBodyError
-from .records import ObjectRecord
+from .records import ObjectRecord, object_size
 
 if TYPE_CHECKING:
     from .service import ObjectCache
@@ -157,7 +157,7 @@ class FillRun:
         # of them lied: the record cannot be trusted to say where blocks end (a record
         # too large would have fills fail, and answers end short, until it expired), so
         # it is dropped and the object learned afresh.
-        if _total_size(response) not in (None, self.record.size):
+        if object_size(response.status, response.headers) not in (None, self.record.size):
             raise ObjectChanged()
         if response.status == 200:
             return self.start  # whole object: skip to our first block
@@ -165,15 +165,6 @@ class FillRun:
         if not content_range.startswith(f"bytes {self.start}-"):
             raise errors.S3Error("BadGateway", "The origin answered another range than asked.", 502)
         return 0
-
-
-def _total_size(response: OriginResponse) -> int | None:
-    """The object size an answer states: a 206's Content-Range total, a 200's length."""
-    if response.status == 206:
-        total = response.headers.get("Content-Range", "").rpartition("/")[2]
-    else:
-        total = response.headers.get("Content-Length", "")
-    return int(total) if total.isascii() and total.isdigit() else None
 
 
 def upstream_failure(status: int) -> errors.S3Error:

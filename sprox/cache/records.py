@@ -4,10 +4,11 @@ its size, the headers to replay, and which blocks are on disk."""
 from __future__ import annotations
 
 import hashlib
-import re
 import time
 from array import array
 from dataclasses import dataclass, field
+
+from ..s3.numbers import decimal, parse_content_range
 
 # Upstream response headers that describe one response or one hop, not the object:
 # never replayed from the cache. (x-amz-checksum-* describe a full-object response
@@ -19,7 +20,6 @@ _NOT_REPLAYED = frozenset({
     "access-control-allow-origin", "access-control-allow-methods", "access-control-allow-headers",
     "access-control-expose-headers", "access-control-max-age", "access-control-allow-credentials",
 })
-_CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+)$")
 
 
 def replayable(name: str) -> bool:
@@ -30,11 +30,10 @@ def replayable(name: str) -> bool:
 def object_size(status: int, headers) -> int | None:
     """The full object size from a 200 (Content-Length) or 206 (Content-Range total)."""
     if status == 206:
-        match = _CONTENT_RANGE.match(headers.get("Content-Range", ""))
-        return int(match.group(3)) if match else None
+        span = parse_content_range(headers.get("Content-Range"))
+        return span[2] if span is not None else None
     if status == 200:
-        length = headers.get("Content-Length", "")
-        return int(length) if length.isdigit() else None
+        return decimal(headers.get("Content-Length"))
     return None
 
 

@@ -32,6 +32,7 @@ from multidict import CIMultiDict, CIMultiDictProxy, MultiDict, MultiDictProxy
 from ..metrics import FILL_BUCKETS, Histogram
 from ..ranges import RangeNotSatisfiable, block_span, content_range, parse_range
 from ..s3 import conditions, errors
+from ..s3.numbers import decimal
 from ..s3.request import S3Request
 from ..upstream.base import Origin, OriginResponse, UpstreamBodyError
 from .blockfiles import BlockFiles, punch_hole
@@ -380,9 +381,9 @@ class ObjectCache:
         return fresh, None
 
     def _as_passthrough(self, response: OriginResponse) -> CachedAnswer:
-        length = response.headers.get("Content-Length")
+        length = decimal(response.headers.get("Content-Length"))
         return CachedAnswer(response.status, CIMultiDict(response.headers),
-                            int(length) if length and length.isascii() and length.isdigit() else -1, "MISS", passthrough=response)
+                            -1 if length is None else length, "MISS", passthrough=response)
 
     async def _passthrough(self, request: S3Request) -> CachedAnswer:
         request.stats.upstream_requests += 1

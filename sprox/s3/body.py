@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from typing import Protocol
 
 from . import checksums, errors
+from .numbers import decimal
 
 READ_SIZE = 256 * 1024
 
@@ -244,7 +245,7 @@ def _int_header(headers, name: str) -> int | None:
     value = headers.get(name)
     if value is None:
         return None
-    # ASCII digits only ("²".isdigit() is true), and few enough for any real length.
-    if not (value.isascii() and value.isdigit() and len(value) <= 19):
+    number = decimal(value)
+    if number is None:
         raise errors.invalid_argument(f"{name} must be a non-negative integer", name, value)
-    return int(value)
+    return number

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-import re
 from collections.abc import AsyncIterator
 from urllib.parse import quote, urlsplit
 
@@ -25,6 +24,7 @@ from yarl import URL
 from .._version import __version__
 from ..s3 import errors
 from ..s3.body import RequestBody
+from ..s3.numbers import decimal, parse_content_range
 from ..s3.request import S3Request
 from .base import OriginResponse, UpstreamBodyError
 
@@ -45,7 +45,6 @@ CLIENT_AUTH = frozenset({"authorization", "x-amz-date", "date", "x-amz-security-
 RESPONSE_DROP = frozenset({"connection", "keep-alive", "transfer-encoding", "content-length", "server", "date"})
 
 RETRYABLE_STATUS = frozenset({500, 502, 503, 504})
-_CONTENT_RANGE = re.compile(r"^bytes ([0-9]+)-([0-9]+)/([0-9]+|\*)$")  # ASCII digits only
 MAX_ATTEMPTS = 3
 
 
@@ -335,8 +334,8 @@ async def _backoff(attempt: int, deadline: float | None, loop: asyncio.AbstractE
 def _length_matches_range(headers) -> bool:
     """Whether a 206's Content-Length is the length its Content-Range announces (True
     when either is missing or not of the single-range form: nothing to compare)."""
-    length = headers.get("Content-Length")
-    match = _CONTENT_RANGE.match(headers.get("Content-Range", ""))
-    if length is None or match is None or not (length.isascii() and length.isdigit()):
+    length = decimal(headers.get("Content-Length"))
+    span = parse_content_range(headers.get("Content-Range"))
+    if length is None or span is None:
         return True
-    return int(length) == int(match.group(2)) - int(match.group(1)) + 1
+    return length == span[1] - span[0] + 1
