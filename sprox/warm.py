@@ -291,18 +291,11 @@ def running_endpoint(cache_dir: Path) -> str | None:
     """The S3 endpoint of the Sprox running on `cache_dir`, None when none runs there."""
     from .cache import admin
 
-    if not cache_dir.is_dir():
-        return None
     try:
-        with admin.exclusive(cache_dir):
-            return None  # the lock was free: whatever `endpoint` says is stale
-    except admin.CacheBusy:
-        pass
-    except OSError:
-        return None
-    try:
+        if not admin.running(cache_dir):
+            return None
         return admin.data_endpoint(cache_dir) or None
-    except OSError:
+    except OSError:  # no such directory, no endpoint file
         return None
 
 

@@ -32,6 +32,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from ..progress import format_bytes
 from . import whatif
 from .accesslog import read_access_log
 
@@ -39,6 +40,8 @@ DEFAULT_GET_PRICE = 0.0004  # dollars per 1,000 GET requests (S3 Standard)
 DEFAULT_TRANSFER_PRICE = 0.09  # dollars per GB transferred out (S3, first 10 TB/month)
 OBJECT_READS = "('GetObject', 'HeadObject')"
 CACHED = "('HIT', 'MISS', 'PARTIAL')"
+# Bytes a request was served from the cache: what it sent beyond what it fetched.
+CACHED_BYTES = "CASE WHEN bytes_sent > upstream_bytes THEN bytes_sent - upstream_bytes ELSE 0 END"
 TOP = 10
 MAX_TIME_POINTS = 48
 # Time buckets, smallest first: the report uses the smallest that gives at most
@@ -138,17 +141,13 @@ def _totals(rows) -> dict[str, Any]:
     return row
 
 
-def _cached_bytes_expr() -> str:
-    return "CASE WHEN bytes_sent > upstream_bytes THEN bytes_sent - upstream_bytes ELSE 0 END"
-
-
 def _ratios(rows) -> dict[str, Any]:
     (row,) = rows(f"""
         SELECT coalesce(sum(CASE WHEN cache = 'HIT' THEN 1 ELSE 0 END), 0) AS hits,
                coalesce(sum(CASE WHEN cache = 'MISS' THEN 1 ELSE 0 END), 0) AS misses,
                coalesce(sum(CASE WHEN cache = 'PARTIAL' THEN 1 ELSE 0 END), 0) AS partial,
                coalesce(sum(bytes_sent), 0) AS bytes_sent,
-               coalesce(sum({_cached_bytes_expr()}), 0) AS bytes_from_cache
+               coalesce(sum({CACHED_BYTES}), 0) AS bytes_from_cache
         FROM log WHERE operation IN {OBJECT_READS} AND cache IN {CACHED}""")
     handled = row["hits"] + row["misses"] + row["partial"]
     row["requests"] = _ratio(row["hits"], handled)
@@ -193,7 +192,7 @@ def _grouped(rows, expr: str) -> list[dict[str, Any]]:
         SELECT {expr} AS name, count(*) AS requests,
                sum(CASE WHEN cache = 'HIT' THEN 1 ELSE 0 END) AS hits,
                sum(CASE WHEN cache IN {CACHED} THEN 1 ELSE 0 END) AS handled,
-               sum(bytes_sent) AS bytes_sent, sum({_cached_bytes_expr()}) AS bytes_from_cache
+               sum(bytes_sent) AS bytes_sent, sum({CACHED_BYTES}) AS bytes_from_cache
         FROM log WHERE operation IN {OBJECT_READS}
         GROUP BY {expr} ORDER BY requests DESC, name LIMIT {TOP}""")
     for row in out:
@@ -214,7 +213,7 @@ def _histogram(rows) -> list[dict[str, Any]]:
 
 
 def _what_if(rows, block_size: int, cache_size: int | None) -> dict[str, Any]:
-    reads = rows(f"""
+    reads = rows("""
         SELECT bucket, key, first_byte, bytes_sent FROM log
         WHERE operation = 'GetObject' AND status IN (200, 206) AND first_byte IS NOT NULL
               AND bytes_sent > 0
@@ -268,18 +267,6 @@ def to_json(report: dict[str, Any]) -> str:
 # -- text ------------------------------------------------------------------------------
 
 
-def human_bytes(n: float | None) -> str:
-    if n is None:
-        return "-"
-    sign = "-" if n < 0 else ""
-    n = abs(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{sign}{n:.0f} {unit}" if unit == "B" else f"{sign}{n:.1f} {unit}"
-        n /= 1024
-    return f"{sign}{n:.1f} TiB"
-
-
 def pct(x: float | None) -> str:
     return "-" if x is None else f"{x * 100:.1f}%"
 
@@ -294,12 +281,12 @@ def render_text(report: dict[str, Any]) -> str:
     add("")
     add("Hit ratio")
     add(f"  by requests: {pct(r['requests'])}  ({r['hits']} hits, {r['partial']} partial, {r['misses']} misses)")
-    add(f"  by bytes:    {pct(r['bytes'])}  ({human_bytes(r['bytes_from_cache'])} of "
-        f"{human_bytes(r['bytes_sent'])} from the cache)")
+    add(f"  by bytes:    {pct(r['bytes'])}  ({format_bytes(r['bytes_from_cache'])} of "
+        f"{format_bytes(r['bytes_sent'])} from the cache)")
     add("")
     add("Upstream")
-    add(f"  requests made: {t['upstream_requests']}  bytes fetched: {human_bytes(t['upstream_bytes'])}")
-    add(f"  GETs avoided:  {s['upstream_gets_avoided']}  bytes avoided: {human_bytes(s['upstream_bytes_avoided'])}")
+    add(f"  requests made: {t['upstream_requests']}  bytes fetched: {format_bytes(t['upstream_bytes'])}")
+    add(f"  GETs avoided:  {s['upstream_gets_avoided']}  bytes avoided: {format_bytes(s['upstream_bytes_avoided'])}")
     p = report["prices"]
     add(f"  saved:         ${s['dollars_saved']:.4f}  (${p['get_per_1000']}/1,000 GETs: "
         f"${s['dollars_saved_requests']:.4f}; ${p['transfer_per_gb']}/GB: ${s['dollars_saved_transfer']:.4f})")
@@ -315,13 +302,13 @@ def render_text(report: dict[str, Any]) -> str:
             add(f"{title:<40} requests   hit ratio  bytes")
             for row in report[key]:
                 add(f"  {str(row['name'])[:38]:<38} {row['requests']:>8}   {pct(row['hit_ratio']):>8}  "
-                    f"{human_bytes(row['bytes_sent'])}")
+                    f"{format_bytes(row['bytes_sent'])}")
     if report["top_objects"]:
         add("")
         add("Most-read objects                        requests  hits  bytes")
         for row in report["top_objects"]:
             name = f"{row['bucket']}/{row['key']}"
-            add(f"  {name[:38]:<38} {row['requests']:>8} {row['hits']:>5}  {human_bytes(row['bytes_sent'])}")
+            add(f"  {name[:38]:<38} {row['requests']:>8} {row['hits']:>5}  {format_bytes(row['bytes_sent'])}")
     over = report["over_time"]
     if over["points"]:
         add("")
@@ -333,15 +320,15 @@ def render_text(report: dict[str, Any]) -> str:
     what = report.get("what_if")
     if what and what["points"]:
         add("")
-        add(f"What-if cache sizes ({what['block_accesses']} block accesses of {human_bytes(what['block_size'])} "
+        add(f"What-if cache sizes ({what['block_accesses']} block accesses of {format_bytes(what['block_size'])} "
             f"blocks; {what['distinct_blocks']} distinct)")
         add("  cache size     LRU hits   Sprox (S3-FIFO) hits")
         for point in what["points"]:
-            add(f"  {human_bytes(point['cache_bytes']):>10}   {pct(point['lru_hit_ratio']):>8}   "
+            add(f"  {format_bytes(point['cache_bytes']):>10}   {pct(point['lru_hit_ratio']):>8}   "
                 f"{pct(point['s3fifo_hit_ratio']):>8}")
         knee = what["smallest_size_for_90_percent_of_benefit"]
         if knee is not None:
-            add(f"  {human_bytes(knee)} reaches 90% of the best hit ratio on this trace.")
+            add(f"  {format_bytes(knee)} reaches 90% of the best hit ratio on this trace.")
     return "\n".join(out) + "\n"
 
 
@@ -449,11 +436,11 @@ def render_html(report: dict[str, Any]) -> str:
         points = what["points"]
         lru = [(p["cache_bytes"], p["lru_hit_ratio"]) for p in points]
         fifo = [(p["cache_bytes"], p["s3fifo_hit_ratio"]) for p in points if p["s3fifo_hit_ratio"] is not None]
-        ticks = [(p["cache_bytes"], human_bytes(p["cache_bytes"])) for p in points[:: max(1, len(points) // 6)]]
+        ticks = [(p["cache_bytes"], format_bytes(p["cache_bytes"])) for p in points[:: max(1, len(points) // 6)]]
         charts.append(("Miss-ratio curve: hit ratio at other cache sizes", _svg_line_chart(
             [("LRU", "#e76f51", lru), ("Sprox (S3-FIFO)", "#2a9d8f", fifo)], x_label="cache size (log scale)",
             y_label="hit ratio", log_x=True, x_ticks=ticks,
-            marker=(what["cache_size"], f"--cache-size {human_bytes(what['cache_size'])}")
+            marker=(what["cache_size"], f"--cache-size {format_bytes(what['cache_size'])}")
             if what.get("cache_size") else None)))
     charts.append(("Latency of GETs", _svg_histogram(report["latency_histogram"])))
     body = "".join(f"<h2>{esc(title)}</h2>{svg}" for title, svg in charts)

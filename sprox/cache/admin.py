@@ -81,13 +81,20 @@ def data_endpoint(cache_dir: Path) -> str:
     return (cache_dir / "endpoint").read_text().strip()
 
 
-def _live_stats(cache_dir: Path) -> dict | None:
-    """Counters of the Sprox running on this directory, if one is."""
+def running(cache_dir: Path) -> bool:
+    """Whether a Sprox runs on `cache_dir` (it holds the lock); when none does, the
+    endpoint files it left say nothing."""
     try:
         with exclusive(cache_dir):
-            return None  # nobody holds the lock: no Sprox runs here
+            return False
     except CacheBusy:
-        pass
+        return True
+
+
+def _live_stats(cache_dir: Path) -> dict | None:
+    """Counters of the Sprox running on this directory, if one is."""
+    if not running(cache_dir):
+        return None
     try:
         endpoint = admin_endpoint(cache_dir)
         with urllib.request.urlopen(f"{endpoint}/_sprox/cache/stats", timeout=5) as response:
