@@ -49,6 +49,11 @@ class AccessKey:
         return self.buckets is None or any(fnmatch.fnmatchcase(bucket, p) for p in self.buckets)
 
 
+def http_url(host: str, port: int) -> str:
+    """http://host:port, an IPv6 address in brackets."""
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
 def default_data_dir() -> Path:
     base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
     return Path(base) / "sprox"
@@ -153,8 +158,7 @@ class Config:
 
     @property
     def endpoint(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
+        return http_url(self.host, self.port)
 
     def with_port(self, port: int) -> Config:
         return replace(self, port=port)

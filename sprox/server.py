@@ -20,7 +20,7 @@ from typing import Any
 from aiohttp import web
 
 from . import metrics
-from .config import Config, ConfigError
+from .config import Config, ConfigError, http_url
 from .frontend import FrontEnd
 from .lane import LaneServer
 from .upstream.base import Origin
@@ -140,8 +140,7 @@ class Sprox:
         """Where the admin routes (/_sprox/...) are: the data endpoint, or --admin-port's."""
         if self.admin_port is None:
             return self.endpoint
-        host = self.config.admin_host
-        return f"http://{f'[{host}]' if ':' in host else host}:{self.admin_port}"
+        return http_url(self.config.admin_host, self.admin_port)
 
     def build_app(self) -> web.Application:
         """The data port's application: every S3 request, and the admin routes unless
