@@ -42,6 +42,7 @@ from sprox.server import SHUTDOWN_SECONDS
 from tests.counting_upstream import CountingUpstream
 from tests.data import object_bytes
 from tests.functional.test_load import (
+    Failures,
     Sampler,
     expected_span,
     pick_range,
@@ -219,7 +220,7 @@ def check(objects: Objects, request: Request, answer: Answer) -> str | None:
 # -- the load -----------------------------------------------------------------------------------------
 
 @dataclass
-class Tally:
+class Tally(Failures):
     requests: int = 0  # answered and right
     refused: int = 0  # connections answered 503 SlowDown
     connections: int = 0  # connections served (first answer not a refusal)
@@ -229,13 +230,6 @@ class Tally:
     by_kind: collections.Counter = field(default_factory=collections.Counter)
     by_status: collections.Counter = field(default_factory=collections.Counter)
     request_ids: list[str] = field(default_factory=list)  # every served answer's x-amz-request-id
-    failures: list[str] = field(default_factory=list)
-    failed: int = 0
-
-    def fail(self, count: int, message: str) -> None:
-        self.failed += count
-        if len(self.failures) < 30:
-            self.failures.append(message)
 
 
 class Load:

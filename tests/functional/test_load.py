@@ -373,7 +373,20 @@ def describe(batch: list[tuple[str, Request]]) -> str:
 
 
 @dataclass
-class Tally:
+class Failures:
+    """Failed requests, and the first few failures described."""
+
+    failures: list[str] = field(default_factory=list)
+    failed: int = 0  # requests that failed (one failure entry may cover several)
+
+    def fail(self, count: int, message: str) -> None:
+        self.failed += count
+        if len(self.failures) < 30:
+            self.failures.append(message)
+
+
+@dataclass
+class Tally(Failures):
     requests: int = 0
     pipelined: int = 0
     connections: int = 0
@@ -383,13 +396,6 @@ class Tally:
     by_status: collections.Counter = field(default_factory=collections.Counter)
     x_cache: collections.Counter = field(default_factory=collections.Counter)
     latencies: list[float] = field(default_factory=list)  # non-pipelined, seconds
-    failures: list[str] = field(default_factory=list)
-    failed: int = 0  # requests that failed (one failure entry may cover several)
-
-    def fail(self, count: int, message: str) -> None:
-        self.failed += count
-        if len(self.failures) < 30:
-            self.failures.append(message)
 
 
 class Load:

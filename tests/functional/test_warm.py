@@ -152,6 +152,24 @@ _PROGRESS = re.compile(r"^warm: (\d+)/(\d+) objects, ([\d.]+) (B|KiB|MiB)/")
 _UNIT = {"B": 1, "KiB": 1024, "MiB": 2**20}
 
 
+def interrupt(args: list[str], env, ready) -> tuple[int, str, "LineReader"]:
+    """Run `sprox *args`, send it SIGINT (Ctrl-C) once a line of its standard error
+    matches `ready`; (exit status, standard output, its standard error's lines)."""
+    proc = subprocess.Popen([sys.executable, "-m", "sprox", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        stderr = LineReader(proc.stderr)
+        stderr.wait_for(ready, timeout=30)
+        proc.send_signal(signal.SIGINT)
+        stdout, _ = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    stderr.thread.join(5)
+    return proc.returncode, stdout, stderr
+
+
 class LineReader:
     """The lines a subprocess writes to one pipe, collected by a thread, so a test can
     wait for a line without blocking forever on the pipe."""
@@ -196,25 +214,14 @@ def test_ctrl_c_stops_cleanly_and_leaves_nothing_half_written(
     cut = 4 * BLOCK + 30_000
     proxy.inject(Fault.STALL_MID_BODY, key=big, after=cut, seconds=60)
 
-    warm = subprocess.Popen([sys.executable, "-m", "sprox", "cache", "warm", "s3://warm2/pre/",
-                             "--cache-dir", str(cache)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=make_client_env(sprox.endpoint))
-    try:
-        stderr = LineReader(warm.stderr)
+    def reading_big(line: str) -> bool:  # the small ones done, and bytes of the big one arrived
+        match = _PROGRESS.match(line)
+        return bool(match) and int(match[1]) == len(small) and \
+            float(match[3]) * _UNIT[match[4]] > sum(small.values()) + BLOCK
 
-        def reading_big(line: str) -> bool:  # the small ones done, and bytes of the big one arrived
-            match = _PROGRESS.match(line)
-            return bool(match) and int(match[1]) == len(small) and \
-                float(match[3]) * _UNIT[match[4]] > sum(small.values()) + BLOCK
-        stderr.wait_for(reading_big, timeout=30)
-        warm.send_signal(signal.SIGINT)
-        stdout, _ = warm.communicate(timeout=30)
-    finally:
-        if warm.poll() is None:
-            warm.kill()
-            warm.wait()
-    stderr.thread.join(5)
-    assert warm.returncode == 130, (stdout, stderr.lines)
+    returncode, stdout, stderr = interrupt(["cache", "warm", "s3://warm2/pre/", "--cache-dir", str(cache)],
+                                           make_client_env(sprox.endpoint), reading_big)
+    assert returncode == 130, (stdout, stderr.lines)
     assert stdout.startswith(f"interrupted: warmed s3://warm2/pre/: {len(small)} of {len(small) + 1} objects"), stdout
     assert "0 failed, 1 reads cancelled" in stdout and "nothing half-written" in stdout, stdout
     assert "Traceback" not in "\n".join(stderr.lines)
@@ -242,18 +249,9 @@ def test_ctrl_c_stops_cleanly_and_leaves_nothing_half_written(
         f"verify: {len(published) + len(small)}/{len(published) + len(small)} blocks"), verified.stderr
 
     # Ctrl-C at the command: it stops between blocks, says what it did, exits 130.
-    verify = subprocess.Popen([sys.executable, "-m", "sprox", "cache", "verify", "--cache-dir", str(cache)],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    try:
-        lines = LineReader(verify.stderr)
-        lines.wait_for(lambda line: line == "verify: reading the index", timeout=30)  # Ctrl-C is handled
-        verify.send_signal(signal.SIGINT)
-        out, _ = verify.communicate(timeout=30)
-    finally:
-        if verify.poll() is None:
-            verify.kill()
-            verify.wait()
-    assert verify.returncode == 130, (out, lines.lines)
+    returncode, out, lines = interrupt(["cache", "verify", "--cache-dir", str(cache)], env,
+                                       lambda line: line == "verify: reading the index")  # Ctrl-C is handled
+    assert returncode == 130, (out, lines.lines)
     assert re.match(r"interrupted: checked \d+ of \d+ blocks, dropped 0 damaged", out), out
 
     # Interrupting verify keeps what it did: a damaged block it reached stays dropped.
