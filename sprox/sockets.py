@@ -26,19 +26,24 @@ async def wait_writable(fd: int, waiter: asyncio.Future | None = None,
     says how). `waiter`, when given, is the future to wait on, so the caller can also
     end the wait itself (say, with an exception when the connection is lost).
     TimeoutError after `timeout` seconds without either."""
+    watched = os.dup(fd)
+    try:
+        await _watch_writable(watched, waiter, timeout)
+    finally:
+        os.close(watched)
+
+
+async def _watch_writable(fd: int, waiter: asyncio.Future | None, timeout: float) -> None:
+    """wait_writable on a descriptor no transport owns (so the loop lets us watch it)."""
     loop = asyncio.get_running_loop()
     if waiter is None:
         waiter = loop.create_future()
-    watched = os.dup(fd)
+    loop.add_writer(fd, _set_once, waiter)
     try:
-        loop.add_writer(watched, _set_once, waiter)
-        try:
-            async with asyncio.timeout(timeout):
-                await waiter
-        finally:
-            loop.remove_writer(watched)
+        async with asyncio.timeout(timeout):
+            await waiter
     finally:
-        os.close(watched)
+        loop.remove_writer(fd)
 
 
 def _set_once(future: asyncio.Future) -> None:
@@ -69,7 +74,7 @@ async def sendfile_all(sock_fd: int, file_fd: int, offset: int, count: int,
                 if loop.time() - quiet_since >= SEND_TIMEOUT_SECONDS:
                     raise TimeoutError("the client took no bytes for too long") from None
                 try:  # wake at least every second to notice the transport closing
-                    await wait_writable(own, timeout=CLOSING_CHECK_SECONDS)
+                    await _watch_writable(own, None, CLOSING_CHECK_SECONDS)
                 except TimeoutError:
                     pass
                 continue
