@@ -8,6 +8,7 @@ import gc
 import logging
 import signal
 import sys
+import urllib.error
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -155,7 +156,7 @@ def cache_command(args: argparse.Namespace) -> int:
         print(f"sprox: error: --cache-dir: no cache in {str(cache_dir)!r}", file=sys.stderr)
         return 2
     if args.cache_command == "stats":
-        s = admin.stats(cache_dir)
+        s = admin.stats(cache_dir, admin_signer(config))
         ratio = "n/a" if s["hit_ratio"] is None else f"{s['hit_ratio']:.1%}"
         byte_ratio = "n/a" if s["byte_hit_ratio"] is None else f"{s['byte_hit_ratio']:.1%}"
         print(f"cache:     {s['cache_dir']}\nobjects:   {s['objects']}\nblocks:    {s['blocks']}\n"
@@ -177,10 +178,29 @@ def cache_command(args: argparse.Namespace) -> int:
         except ValueError as exc:
             print(f"sprox: error: {exc}", file=sys.stderr)
             return 2
-        purged = admin.purge(cache_dir, bucket, prefix)
+        try:
+            purged = admin.purge(cache_dir, bucket, prefix, admin_signer(config))
+        except urllib.error.HTTPError as exc:
+            hint = ""
+            if exc.code == 403:
+                hint = (" (the running Sprox verifies keys on its data port: give `sprox cache purge` the same "
+                        "--config, SPROX_ACCESS_KEY/SPROX_SECRET_KEY or AWS credentials with a key that may use "
+                        "every bucket and write, or serve the admin routes on --admin-port)")
+            print(f"sprox: error: the running Sprox refused the purge: HTTP {exc.code}{hint}", file=sys.stderr)
+            return 1
         print(f"purged {purged} object{'' if purged == 1 else 's'}")
         return 0
     return verify_command(cache_dir)
+
+
+def admin_signer(config: Config):
+    """What `sprox cache stats|purge` sign a running Sprox's admin routes with: a key of
+    the configuration that may use every bucket and write, else the AWS credentials
+    (botocore's chain, as `sprox cache warm` signs its reads)."""
+    from .warm import RequestSigner
+
+    key = config.admin_key
+    return RequestSigner(key=(key.access_key, key.secret_key) if key is not None else None)
 
 
 def verify_command(cache_dir: Path) -> int:

@@ -127,6 +127,12 @@ class Config:
         return merged
 
     @property
+    def admin_key(self) -> AccessKey | None:
+        """A key the data port's admin routes accept (every bucket, and write), with
+        which `sprox cache stats|purge` sign; None without such a key."""
+        return next((k for k in self.key_rights.values() if k.buckets is None and k.write), None)
+
+    @property
     def auth_mode(self) -> str:
         if self.auth:
             return self.auth

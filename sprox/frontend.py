@@ -1,6 +1,6 @@
 """Where every S3 request goes: parse, authenticate, then the cache or the origin.
 
-    client -> handle() -> parse_request -> SigV4Verifier.verify
+    client -> handle() -> parse_request -> SignatureVerifier.verify
                 -> GetObject/HeadObject: ObjectCache.serve   (X-Cache: HIT|MISS|PARTIAL)
                                          or the origin         (X-Cache: BYPASS)
                 -> listings: ListingCache (with --list-ttl), else the origin

@@ -18,10 +18,13 @@ from contextlib import contextmanager
 from typing import Any
 
 from aiohttp import web
+from multidict import MultiDict, MultiDictProxy
 
 from . import metrics
 from .config import Config, ConfigError, http_url
-from .frontend import FrontEnd
+from .frontend import FrontEnd, error_response
+from .s3 import errors
+from .s3.request import S3Request, new_request_id
 from .lane import LaneServer
 from .upstream.base import Origin
 
@@ -98,9 +101,9 @@ class Sprox:
         self.origin: Origin = make_origin(self.config)
         verifier = None
         if self.config.auth_mode == "sigv4":
-            from .s3.sigv4 import SigV4Verifier
+            from .s3.sigv4 import SignatureVerifier
 
-            verifier = SigV4Verifier(self.config.access_keys)
+            verifier = SignatureVerifier(self.config.access_keys)
         self.cache = None
         cache_dir = self.config.cache_path
         if cache_dir is not None:
@@ -144,19 +147,51 @@ class Sprox:
 
     def build_app(self) -> web.Application:
         """The data port's application: every S3 request, and the admin routes unless
-        --admin-port moved them off it (then /_sprox/... is just an S3 request)."""
+        --admin-port moved them off it (then /_sprox/... is just an S3 request).
+        With keys configured, the data port answers admin routes only to requests
+        signed by a key that may use every bucket (purge: and write)."""
         app = web.Application(handler_args=HANDLER_ARGS)
         if self.config.admin_port is None:
-            self._add_admin_routes(app)
+            self._add_admin_routes(app, signed=self.frontend.verifier is not None)
         # (?s): a key may hold a newline (%0A), and every key is an S3 request.
         app.router.add_route("*", "/{tail:(?s:.*)}", self.frontend.handle)
         return app
 
-    def _add_admin_routes(self, app: web.Application) -> None:
-        app.router.add_get(ADMIN_PREFIX + "health", self._health)
-        app.router.add_post(ADMIN_PREFIX + "cache/purge", self._purge)
-        app.router.add_get(ADMIN_PREFIX + "cache/stats", self._cache_stats)
-        app.router.add_get(ADMIN_PREFIX + "metrics", self._metrics)
+    def _add_admin_routes(self, app: web.Application, *, signed: bool = False) -> None:
+        def route(handler, *, write: bool = False):
+            if not signed:
+                return handler
+
+            async def signed_handler(request: web.Request) -> web.StreamResponse:
+                refused = self._admin_refusal(request, write=write)
+                return refused if refused is not None else await handler(request)
+
+            return signed_handler
+
+        app.router.add_get(ADMIN_PREFIX + "health", route(self._health))
+        app.router.add_post(ADMIN_PREFIX + "cache/purge", route(self._purge, write=True))
+        app.router.add_get(ADMIN_PREFIX + "cache/stats", route(self._cache_stats))
+        app.router.add_get(ADMIN_PREFIX + "metrics", route(self._metrics))
+
+    def _admin_refusal(self, http: web.Request, *, write: bool) -> web.Response | None:
+        """None when `http` is signed (SigV4 or SigV2, header or presigned) by a key
+        that may use every bucket (and write, for `write`); else S3's error answer.
+        The cache's figures span every bucket, like ListBuckets."""
+        request_id = new_request_id()
+        raw_path, _, raw_query = http.raw_path.partition("?")
+        # Not parse_request: "_sprox" is no valid bucket name, and this is no S3 operation.
+        request = S3Request(request_id=request_id, method=http.method, operation="Admin", bucket=None, key=None,
+                            query=MultiDictProxy(MultiDict()), headers=http.headers, raw_path=raw_path,
+                            raw_query=raw_query)
+        try:
+            verified = self.frontend.verifier.authenticate(request)
+            rights = self.frontend.key_rights[verified.access_key]
+            if rights.buckets is not None or (write and not rights.write):
+                raise errors.access_denied("Access Denied: the admin routes need a key that may use every "
+                                           "bucket" + (" and write." if write else "."))
+        except errors.S3Error as exc:
+            return error_response(exc, request_id, resource=raw_path, head=http.method == "HEAD")
+        return None
 
     async def _start_admin(self) -> None:
         app = web.Application()

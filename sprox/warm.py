@@ -77,13 +77,19 @@ def _query(params: dict[str, str]) -> str:
 
 
 class RequestSigner:
-    """SigV4 headers for requests to an S3 endpoint, from botocore's credential chain."""
+    """SigV4 headers for requests to an S3 endpoint (or a Sprox's admin routes): with
+    `key` (access key, secret), else from botocore's credential chain."""
 
-    def __init__(self, region: str | None = None) -> None:
+    def __init__(self, region: str | None = None, key: tuple[str, str] | None = None) -> None:
         import botocore.session
 
         session = botocore.session.get_session()
-        self.credentials = session.get_credentials()
+        if key is not None:
+            from botocore.credentials import Credentials
+
+            self.credentials = Credentials(*key)
+        else:
+            self.credentials = session.get_credentials()
         self.region = region or session.get_config_variable("region") or "us-east-1"
 
     def headers(self, method: str, url: str) -> dict[str, str]:

@@ -37,7 +37,9 @@ def exclusive(cache_dir: Path):
         os.close(fd)
 
 
-def stats(cache_dir: Path) -> dict:
+def stats(cache_dir: Path, signer=None) -> dict:
+    """`signer` (warm.RequestSigner) signs requests to a running Sprox's admin routes,
+    which a Sprox with keys on its data port answers only when signed."""
     index = cache_dir / "index.sqlite"
     out = {"cache_dir": str(cache_dir), "objects": 0, "blocks": 0, "bytes": 0}
     if index.exists():
@@ -51,7 +53,7 @@ def stats(cache_dir: Path) -> dict:
         finally:
             db.close()
     out.update(_hit_ratio(cache_dir / "logs"))
-    out["live"] = _live_stats(cache_dir)
+    out["live"] = _live_stats(cache_dir, signer)
     return out
 
 
@@ -91,16 +93,25 @@ def running(cache_dir: Path) -> bool:
         return True
 
 
-def _live_stats(cache_dir: Path) -> dict | None:
-    """Counters of the Sprox running on this directory, if one is."""
+def _live_stats(cache_dir: Path, signer) -> dict | None:
+    """Counters of the Sprox running on this directory, if one is (and answers)."""
     if not running(cache_dir):
         return None
     try:
-        endpoint = admin_endpoint(cache_dir)
-        with urllib.request.urlopen(f"{endpoint}/_sprox/cache/stats", timeout=5) as response:
-            return json.load(response)
+        return admin_call(cache_dir, "GET", "/_sprox/cache/stats", signer, timeout=5)
     except (OSError, ValueError):
         return None
+
+
+def admin_call(cache_dir: Path, method: str, path: str, signer, *, timeout: float) -> dict:
+    """The JSON answer of the running Sprox's admin route `path` (with its query),
+    signed by `signer` (warm.RequestSigner: `.headers(method, url)`) when one is given.
+    urllib's errors are OSErrors."""
+    url = admin_endpoint(cache_dir) + path
+    headers = signer.headers(method, url) if signer is not None else {}
+    with urllib.request.urlopen(urllib.request.Request(url, method=method, headers=headers),
+                                timeout=timeout) as response:
+        return json.load(response)
 
 
 def _hit_ratio(logs: Path) -> dict:
@@ -119,8 +130,9 @@ def _hit_ratio(logs: Path) -> dict:
             "byte_hit_ratio": hit_bytes / total_bytes if total_bytes else None}
 
 
-def purge(cache_dir: Path, bucket: str | None, prefix: str) -> int:
-    """Drop cached objects (all, a bucket, or a prefix of it); returns how many."""
+def purge(cache_dir: Path, bucket: str | None, prefix: str, signer=None) -> int:
+    """Drop cached objects (all, a bucket, or a prefix of it); returns how many.
+    `signer` signs the request to a running Sprox, as in `stats`."""
     try:
         with exclusive(cache_dir):
             index = CacheIndex(cache_dir / "index.sqlite")
@@ -136,15 +148,8 @@ def purge(cache_dir: Path, bucket: str | None, prefix: str) -> int:
                 index.close()
             return len(doomed)
     except CacheBusy:
-        return _purge_running(cache_dir, bucket, prefix)
-
-
-def _purge_running(cache_dir: Path, bucket: str | None, prefix: str) -> int:
-    endpoint = admin_endpoint(cache_dir)
-    query = urllib.parse.urlencode({k: v for k, v in (("bucket", bucket), ("prefix", prefix)) if v})
-    request = urllib.request.Request(f"{endpoint}/_sprox/cache/purge?{query}", method="POST")
-    with urllib.request.urlopen(request, timeout=30) as response:
-        return json.load(response)["purged"]
+        query = urllib.parse.urlencode({k: v for k, v in (("bucket", bucket), ("prefix", prefix)) if v})
+        return admin_call(cache_dir, "POST", f"/_sprox/cache/purge?{query}", signer, timeout=30)["purged"]
 
 
 def verify(cache_dir: Path, progress=None, *, started=None, stop=None) -> dict:

@@ -113,6 +113,11 @@ class RequestBody:
             raise errors.S3Error("NotImplemented", "SigV4a (ECDSA) streaming uploads are not supported; "
                                  "use STREAMING-AWS4-HMAC-SHA256-PAYLOAD.", 501)
         if self.content_sha256 in STREAMING_HMAC_SIGNED:
+            if verified.version != 4:
+                # The chunks' signatures chain from a SigV4 seed signature, which a
+                # SigV2-signed request does not have: nothing to check them against.
+                raise errors.invalid_request(f"{self.content_sha256} needs a request signed with "
+                                             "AWS4-HMAC-SHA256.")
             from .sigv4 import ChunkSignatures
 
             self.chunk_signatures = ChunkSignatures(verified)

@@ -21,8 +21,9 @@ from . import errors
 if TYPE_CHECKING:
     from .body import RequestBody
 
-# Query parameters that carry a presigned request's signature: they authenticate the
-# request to Sprox and must never be forwarded or treated as a sub-resource.
+# Query parameters that carry a presigned request's signature (SigV4, then SigV2's):
+# they authenticate the request to Sprox and must never be forwarded or treated as a
+# sub-resource.
 PRESIGN_PARAMS = frozenset(
     {
         "X-Amz-Algorithm",
@@ -32,6 +33,10 @@ PRESIGN_PARAMS = frozenset(
         "X-Amz-SignedHeaders",
         "X-Amz-Signature",
         "X-Amz-Security-Token",
+        "AWSAccessKeyId",
+        "Signature",
+        "Expires",
+        "x-amz-security-token",  # a SigV2 URL carries its amz headers in lower case
     }
 )
 

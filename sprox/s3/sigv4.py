@@ -1,9 +1,11 @@
-"""Inbound AWS Signature Version 4 verification, the way S3 checks it.
+"""Inbound request signatures, the way S3 checks them: AWS Signature Version 4 here,
+Version 2 in `sigv2.py`.
 
-`SigV4Verifier.verify` authenticates a request a client sent to Sprox, signed either in
-the `Authorization` header or as a presigned URL (query parameters), and returns the
-access key id that signed it. Every failure is an `S3Error` with S3's own code, status
-and message, so client libraries react to Sprox as they would to S3.
+`SignatureVerifier.verify` authenticates a request a client sent to Sprox, signed
+either in the `Authorization` header or as a presigned URL (query parameters), with
+SigV4 or SigV2, and returns the access key id that signed it. Every failure is an
+`S3Error` with S3's own code, status and message, so client libraries react to Sprox
+as they would to S3.
 
 What S3 does, and so what this module does:
 
@@ -21,7 +23,8 @@ What S3 does, and so what this module does:
 - Every `x-amz-*` header the request carries must be signed, or a client's signed
   request could be extended by anyone on the path with headers Sprox then acts on.
 
-Only `AWS4-HMAC-SHA256` is supported: no SigV2, no SigV4a (ECDSA), no POST policies.
+Supported: `AWS4-HMAC-SHA256` and SigV2 (`AWS key:signature`, `?AWSAccessKeyId=...`);
+not SigV4a (ECDSA) or POST policies.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ from urllib.parse import quote, unquote_to_bytes
 
 from multidict import CIMultiDictProxy
 
-from . import errors
+from . import errors, sigv2
 from .errors import S3Error
 from .request import S3Request
 
@@ -74,6 +77,8 @@ _QUERY_AUTH_PARAMS = (
 )
 # Any of these in the query means the client meant query authentication.
 _QUERY_AUTH_MARKERS = frozenset({"X-Amz-Algorithm", "X-Amz-Credential", "X-Amz-Signature"})
+# ... and these, query authentication with SigV2.
+_V2_QUERY_AUTH_MARKERS = frozenset({"AWSAccessKeyId", "Signature"})
 
 # Carried in the canonical request as the payload hash, so covered even when the
 # client leaves it out of SignedHeaders.
@@ -108,7 +113,8 @@ class VerifiedRequest:
     scope: str
     signature: str
     presigned: bool
-    signing_key: bytes = field(repr=False)
+    signing_key: bytes = field(repr=False)  # empty for SigV2
+    version: int = 4  # the signature version: 4, or 2 (which cannot sign a stream's chunks)
 
 
 class ChunkSignatures:
@@ -168,12 +174,6 @@ def _credential_malformed(detail: str) -> S3Error:
     return _query_malformed(f"Error parsing the X-Amz-Credential parameter; {detail}")
 
 
-def _unsupported_mechanism() -> S3Error:
-    return errors.invalid_request(
-        "The authorization mechanism you have provided is not supported. "
-        "Please use AWS4-HMAC-SHA256.")
-
-
 def _invalid_access_key(access_key: str) -> S3Error:
     return S3Error("InvalidAccessKeyId",
                    "The AWS Access Key Id you provided does not exist in our records.", 403,
@@ -230,8 +230,8 @@ def parse_authorization(header: str) -> SignatureFields:
     """Parse an `Authorization: AWS4-HMAC-SHA256 Credential=..., SignedHeaders=...,
     Signature=...` header.
 
-    Raises `S3Error`: InvalidRequest for SigV2 (`AWS key:sig`), InvalidArgument for
-    any other scheme, AuthorizationHeaderMalformed for a bad SigV4 header."""
+    Raises `S3Error`: InvalidArgument for any other scheme (SigV2's `AWS key:sig` is
+    `sigv2.parse_authorization`'s), AuthorizationHeaderMalformed for a bad SigV4 header."""
     # A client sends the same header but for the signature, request after request:
     # parse that part once. (A well-formed signature holds no separator, so putting a
     # placeholder in its place changes nothing about how the rest parses.)
@@ -253,8 +253,6 @@ def _parse_authorization_cached(header: str) -> SignatureFields:
 
 def _parse_authorization(header: str) -> SignatureFields:
     scheme, _, rest = header.strip().partition(" ")
-    if scheme == "AWS":
-        raise _unsupported_mechanism()
     if scheme != ALGORITHM:
         raise errors.S3Error("InvalidArgument", "Unsupported Authorization Type", 400,
                              extra={"ArgumentName": "Authorization", "ArgumentValue": header})
@@ -365,8 +363,8 @@ def _parse_amz_date(value: str) -> float | None:
 # --- verification -----------------------------------------------------------------
 
 
-class SigV4Verifier:
-    """Checks SigV4 signatures against a table of access key id → secret key.
+class SignatureVerifier:
+    """Checks SigV4 and SigV2 signatures against a table of access key id → secret key.
 
     `keys` is read on every request, so a caller may swap secrets in place. `clock`
     returns the current time in epoch seconds (tests pass a fixed one)."""
@@ -396,7 +394,8 @@ class SigV4Verifier:
         authorization = request.headers.getall("Authorization", [])
         query = _parse_raw_query(request.raw_query)
         query_auth = any(p.name in _QUERY_AUTH_MARKERS for p in query)
-        if authorization and query_auth:
+        v2_query_auth = not query_auth and any(p.name in _V2_QUERY_AUTH_MARKERS for p in query)
+        if authorization and (query_auth or v2_query_auth):
             raise errors.S3Error(
                 "InvalidArgument",
                 "Only one auth mechanism allowed; only the X-Amz-Algorithm query parameter, "
@@ -405,13 +404,18 @@ class SigV4Verifier:
                             "ArgumentValue": authorization[0]})
         if len(authorization) > 1:
             raise _header_malformed("only one Authorization header is allowed.")
+        if authorization and authorization[0].lstrip().startswith(sigv2.ALGORITHM + " "):
+            access_key = sigv2.verify_header(request, authorization[0], self._keys, self._clock(),
+                                             self._max_skew, _invalid_access_key)
+            return _verified_v2(access_key, presigned=False)
         if authorization:
             return self._verify_header(request, authorization[0], query)
         if query_auth:
             return self._verify_presigned(request, query)
-        names = {p.name for p in query}
-        if "Signature" in names and "AWSAccessKeyId" in names:  # a SigV2 presigned URL
-            raise _unsupported_mechanism()
+        if v2_query_auth:
+            access_key = sigv2.verify_query(request, [(p.name, p.value) for p in query], self._keys,
+                                            self._clock(), _invalid_access_key)
+            return _verified_v2(access_key, presigned=True)
         raise errors.access_denied()
 
     def signing_key(self, access_key: str, date: str, region: str, service: str = SERVICE) -> bytes:
@@ -591,3 +595,8 @@ class SigV4Verifier:
             access_key=fields.access_key, region=fields.region, timestamp=timestamp,
             scope=fields.scope, signature=fields.signature, presigned=presigned,
             signing_key=signing_key)
+
+
+def _verified_v2(access_key: str, *, presigned: bool) -> VerifiedRequest:
+    return VerifiedRequest(access_key=access_key, region="", timestamp="", scope="", signature="",
+                           presigned=presigned, signing_key=b"", version=2)

@@ -6,10 +6,12 @@ and admin routes moved off the data port."""
 from __future__ import annotations
 
 import hashlib
+import json
 import http.client
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from urllib.parse import urlsplit
 
@@ -263,3 +265,162 @@ def test_admin_routes_can_leave_the_data_port(start_sprox, tmp_path, admin_port)
     started = time.monotonic()
     proc.stop()
     assert proc.returncode == 0 and time.monotonic() - started < 5, proc.log_text()
+
+
+# -- SigV2: boto3's default presigned URLs, and `signature_version="s3"` ---------------------
+
+
+def v2_client(endpoint: str, key: tuple[str, str]):
+    """boto3 signing every request with SigV2 in the Authorization header."""
+    return boto3.session.Session(aws_access_key_id=key[0], aws_secret_access_key=key[1],
+                                 region_name="us-east-1").client(
+        "s3", endpoint_url=endpoint,
+        config=Config(signature_version="s3", s3={"addressing_style": "path"}, retries={"max_attempts": 1}))
+
+
+def default_client(endpoint: str, key: tuple[str, str]):
+    """boto3 with nothing but the endpoint and keys: its presigned URLs are SigV2."""
+    return boto3.session.Session(aws_access_key_id=key[0], aws_secret_access_key=key[1],
+                                 region_name="us-east-1").client("s3", endpoint_url=endpoint)
+
+
+def fetch(url: str, method: str = "GET", headers: dict[str, str] | None = None) -> tuple[int, dict, bytes]:
+    """What a browser or curl does with a URL: nothing but the URL (and `headers`)."""
+    request = urllib.request.Request(url, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, {k.lower(): v for k, v in response.headers.items()}, response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, {k.lower(): v for k, v in exc.headers.items()}, exc.read()
+
+
+def signed_admin(endpoint: str, method: str, path: str, key: tuple[str, str]) -> tuple[int, bytes]:
+    """An admin route, signed by `key` with SigV4 in the header (botocore's signer)."""
+    request = AWSRequest(method=method, url=endpoint + path)
+    S3SigV4Auth(Credentials(*key), "s3", "us-east-1").add_auth(request)
+    status, _, body = fetch(endpoint + path, method, dict(request.headers.items()))
+    return status, body
+
+
+def fast_lane_hits(endpoint: str) -> int:
+    status, body = signed_admin(endpoint, "GET", "/_sprox/cache/stats", ADMIN)
+    assert status == 200, body
+    return json.loads(body)["fast_lane_hits"]
+
+
+def test_boto3_default_presigned_url_works_and_stays_a_fast_lane_hit(keyed_sprox):
+    proc, buckets = keyed_sprox
+    body = object_bytes("presigned-v2", 300_000)
+    client(proc.endpoint, ADMIN).put_object(Bucket=buckets["logs"], Key="shared/report.bin", Body=body)
+    url = default_client(proc.endpoint, LOGS).generate_presigned_url(
+        "get_object", Params={"Bucket": buckets["logs"], "Key": "shared/report.bin"}, ExpiresIn=600)
+    assert "AWSAccessKeyId=" in url and "X-Amz-" not in url  # SigV2, as boto3 makes it by default
+    status, headers, got = fetch(url)
+    assert status == 200 and got == body
+    before = fast_lane_hits(proc.endpoint)
+    status, headers, got = fetch(url)
+    assert (status, headers["x-cache"]) == (200, "HIT") and got == body
+    status, headers, got = fetch(url, headers={"Range": "bytes=1000-1999"})  # Range is not signed in V2
+    assert status == 206 and got == body[1000:2000]
+    assert fast_lane_hits(proc.endpoint) == before + 2
+
+    # S3's answers: expired 403 AccessDenied "Request has expired"; tampered 403
+    # SignatureDoesNotMatch; and a key's bucket rights, exactly as for SigV4.
+    expired = default_client(proc.endpoint, LOGS).generate_presigned_url(
+        "get_object", Params={"Bucket": buckets["logs"], "Key": "shared/report.bin"}, ExpiresIn=-60)
+    status, _, error = fetch(expired)
+    assert status == 403 and b"<Code>AccessDenied</Code>" in error and b"Request has expired" in error
+    assert b"<RequestId>" in error
+    tampered = url.replace("shared/report.bin", "shared/other.bin")
+    status, _, error = fetch(tampered)
+    assert status == 403 and b"<Code>SignatureDoesNotMatch</Code>" in error
+    elsewhere = default_client(proc.endpoint, LOGS).generate_presigned_url(
+        "get_object", Params={"Bucket": buckets["secret"], "Key": "shared/report.bin"}, ExpiresIn=600)
+    status, _, error = fetch(elsewhere)
+    assert status == 403 and b"<Code>AccessDenied</Code>" in error
+
+
+def test_sigv2_signed_clients_read_write_and_list_within_their_rights(keyed_sprox):
+    proc, buckets = keyed_sprox
+    bucket = buckets["logs"]
+    writer, reader = v2_client(proc.endpoint, LOGS), v2_client(proc.endpoint, READER)
+    body = object_bytes("sigv2-header", 100_000)
+    writer.put_object(Bucket=bucket, Key="a b+c.bin", Body=body, ContentType="application/x-test",
+                      Metadata={"colour": "blue"})
+    got = writer.get_object(Bucket=bucket, Key="a b+c.bin")
+    assert got["Body"].read() == body and got["Metadata"] == {"colour": "blue"}
+    assert writer.get_object(Bucket=bucket, Key="a b+c.bin", Range="bytes=5-9")["Body"].read() == body[5:10]
+    assert [o["Key"] for o in writer.list_objects(Bucket=bucket, Prefix="a ")["Contents"]] == ["a b+c.bin"]
+    client(proc.endpoint, ADMIN).put_object(Bucket="data", Key="v2-read", Body=b"readable")
+    assert reader.get_object(Bucket="data", Key="v2-read")["Body"].read() == b"readable"
+    for call in (lambda: reader.put_object(Bucket="data", Key="v2-write", Body=b"x"),
+                 lambda: reader.get_object(Bucket=bucket, Key="a b+c.bin")):
+        with pytest.raises(ClientError) as caught:
+            call()
+        assert code_of(caught) == "AccessDenied"
+    wrong = v2_client(proc.endpoint, (LOGS[0], "not-the-secret"))
+    with pytest.raises(ClientError) as caught:
+        wrong.get_object(Bucket=bucket, Key="a b+c.bin")
+    assert code_of(caught) == "SignatureDoesNotMatch"
+    writer.delete_object(Bucket=bucket, Key="a b+c.bin")
+
+
+# -- admin routes on the data port, with keys ---------------------------------------------------
+
+ADMIN_ROUTES = [("GET", "/_sprox/health"), ("GET", "/_sprox/cache/stats"), ("GET", "/_sprox/metrics"),
+                ("POST", "/_sprox/cache/purge")]
+
+
+def test_admin_routes_on_the_data_port_answer_only_signed_requests(start_sprox, tmp_path):
+    config = tmp_path / "sprox.toml"
+    config.write_text(KEYS_TOML)
+    cache_dir = tmp_path / "cache"
+    proc = start_sprox(tmp_path, "--config", str(config), "--origin-dir", str(tmp_path / "origin"),
+                       "--cache-dir", str(cache_dir))
+    for method, path in ADMIN_ROUTES:
+        status, _, body = fetch(proc.endpoint + path, method)  # anonymous
+        assert status == 403 and b"<Code>AccessDenied</Code>" in body and b"<RequestId>" in body, (path, body)
+        assert b"hits" not in body and b"sprox_" not in body
+        status, body = signed_admin(proc.endpoint, method, path, ADMIN)
+        assert status == 200, (path, body)
+        for limited in (READER, LOGS):  # keys limited to some buckets: no cache-wide figures
+            status, body = signed_admin(proc.endpoint, method, path, limited)
+            assert status == 403 and b"<Code>AccessDenied</Code>" in body, (path, body)
+        status, body = signed_admin(proc.endpoint, method, path, (ADMIN[0], "not-the-secret"))
+        assert status == 403 and b"<Code>SignatureDoesNotMatch</Code>" in body
+    # A SigV2 presigned URL of the admin key is a signature too.
+    url = default_client(proc.endpoint, ADMIN).generate_presigned_url(
+        "get_object", Params={"Bucket": "_sprox", "Key": "metrics"}, ExpiresIn=60)
+    status, _, body = fetch(url)
+    assert status == 200 and b"sprox_requests_total" in body
+
+    # `sprox cache stats|purge` sign with a key of the same configuration; without one
+    # the purge is refused, and says how to give it one.
+    run = [sys.executable, "-m", "sprox", "cache"]
+    result = subprocess.run([*run, "stats", "--cache-dir", str(cache_dir), "--config", str(config)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and "running:" in result.stdout, result.stdout + result.stderr
+    result = subprocess.run([*run, "purge", "--cache-dir", str(cache_dir), "--config", str(config)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and "purged 0 objects" in result.stdout, result.stdout + result.stderr
+    result = subprocess.run([*run, "purge", "--cache-dir", str(cache_dir)], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 1 and "HTTP 403" in result.stderr and "--admin-port" in result.stderr
+
+
+def test_with_keys_the_admin_port_still_serves_unsigned_requests(start_sprox, tmp_path):
+    config = tmp_path / "sprox.toml"
+    config.write_text(KEYS_TOML)
+    proc = start_sprox(tmp_path, "--config", str(config), "--origin-dir", str(tmp_path / "origin"),
+                       "--admin-port", "0")
+    deadline = time.monotonic() + 10
+    while not any("admin:" in line for line in proc.lines):
+        assert time.monotonic() < deadline, proc.log_text()
+        time.sleep(0.01)
+    admin_url = next(line for line in proc.lines if "admin:" in line).split()[1]
+    assert admin_url.startswith("http://127.0.0.1:")
+    for path in ("health", "metrics", "cache/stats"):
+        status, _, body = fetch(admin_url + path)
+        assert status == 200, body  # Prometheus scrapes unsigned, on loopback
+    status, _, body = fetch(proc.endpoint + "/_sprox/metrics")  # on the data port: an S3 request
+    assert status in (400, 403) and b"<Error>" in body and b"sprox_" not in body
