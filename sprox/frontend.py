@@ -202,12 +202,8 @@ class FrontEnd:
         request = parse_request(http.method, http.raw_path, http.headers, domain=self.domain,
                                 request_id=request_id)
         if http.body_exists or "x-amz-decoded-content-length" in http.headers:
-            if http.headers.get("Transfer-Encoding", "").lower() == "chunked" and \
-                    "Content-Length" not in http.headers and \
-                    "x-amz-decoded-content-length" not in http.headers:
-                # S3 needs the length up front to store an object.
-                raise errors.S3Error("MissingContentLength",
-                                     "You must provide the Content-Length HTTP header.", 411)
+            # A body without Content-Length (Transfer-Encoding: chunked) streams on as
+            # one: whether to accept it is the origin's decision, as it would be direct.
             request.body = RequestBody.from_headers(
                 http.content, http.headers,
                 verify_checksum=request.operation != "CompleteMultipartUpload")

@@ -14,6 +14,10 @@ from . import checksums, errors
 from .numbers import decimal
 
 READ_SIZE = 256 * 1024
+# S3's largest single upload (PutObject, UploadPart): 5 GiB. A body that declares more
+# is refused before a byte is read; one of unknown length (Transfer-Encoding: chunked)
+# is cut off as it passes the limit, before the upload can complete.
+MAX_UPLOAD_BYTES = 5 * 1024 ** 3
 
 # x-amz-content-sha256 values that announce an aws-chunked body.
 STREAMING_SIGNED = "STREAMING-AWS4-HMAC-SHA256-PAYLOAD"
@@ -48,8 +52,11 @@ class RequestBody:
 
     def __init__(self, reader: ByteReader, content_sha256: str, raw_length: int | None,
                  decoded_length: int | None, content_encoding: str = "", headers=None,
-                 *, verify_checksum: bool = True) -> None:
+                 *, verify_checksum: bool = True, max_length: int = MAX_UPLOAD_BYTES) -> None:
         self._reader = reader
+        self.max_length = max_length
+        if decoded_length is not None and decoded_length > max_length:
+            raise _too_large(decoded_length, max_length)
         # CompleteMultipartUpload's checksum headers describe the object, not the body.
         self._verify_checksum = verify_checksum
         self._headers = headers if headers is not None else {}
@@ -139,6 +146,7 @@ class RequestBody:
         declared = self.payload_sha256
         digest = hashlib.sha256() if declared is not None else None
         remaining = self.raw_length
+        received = 0
         held = b""
         while remaining is None or remaining > 0:
             chunk = await self._reader.read(READ_SIZE if remaining is None else min(READ_SIZE, remaining))
@@ -146,6 +154,10 @@ class RequestBody:
                 break
             if remaining is not None:
                 remaining -= len(chunk)
+            else:  # no Content-Length (Transfer-Encoding: chunked): bounded as it streams
+                received += len(chunk)
+                if received > self.max_length:
+                    raise _too_large(received, self.max_length)
             if digest is None:
                 yield chunk
                 continue
@@ -244,6 +256,11 @@ class RequestBody:
                 raise errors.S3Error("MaxMessageLengthExceeded", "Your request was too big.", 400)
             parts.append(chunk)
         return b"".join(parts)
+
+
+def _too_large(size: int, limit: int) -> errors.S3Error:
+    return errors.S3Error("EntityTooLarge", "Your proposed upload exceeds the maximum allowed size", 400,
+                          extra={"ProposedSize": str(size), "MaxSizeAllowed": str(limit)})
 
 
 def _int_header(headers, name: str) -> int | None:

@@ -151,7 +151,7 @@ class S3Upstream:
         body = request.body
         data: _BodyStream | None = None
         payload_hash = EMPTY_SHA256_HASH
-        if body is not None and (body.raw_length or body.aws_chunked):
+        if body is not None and (body.raw_length is None or body.raw_length or body.aws_chunked):
             stream, payload_hash = _prepare_body(body, request.headers, headers)
             data = _BodyStream(stream)
         elif request.method in ("PUT", "POST"):
@@ -264,7 +264,10 @@ def _prepare_body(body: RequestBody, client_headers, headers: CIMultiDict[str]) 
     """Choose how the body travels upstream; returns (byte stream, payload hash)."""
     client_hash = client_headers.get("x-amz-content-sha256", "")
     if not body.aws_chunked:
-        headers["Content-Length"] = str(body.raw_length)
+        if body.raw_length is not None:
+            headers["Content-Length"] = str(body.raw_length)
+        # else: no length up front, so aiohttp frames it with Transfer-Encoding: chunked,
+        # as the client did; the upstream decides whether it takes that.
         # The same bytes go upstream, so a real payload hash stays valid and lets the
         # upstream check integrity end to end.
         is_hash = len(client_hash) == 64 and all(c in "0123456789abcdef" for c in client_hash)

@@ -293,6 +293,76 @@ def test_unsigned_trailer_and_signed_streaming_uploads(sprox):
         assert got["Body"].read() == payload, name
 
 
+def _chunked_put(endpoint: str, target: str, pieces, headers: dict | None = None):
+    """PUT with Transfer-Encoding: chunked and no Content-Length (what `curl -T -` sends)."""
+    host, port = endpoint.removeprefix("http://").rsplit(":", 1)
+    conn = http.client.HTTPConnection(host, int(port), timeout=60)
+    try:
+        conn.request("PUT", target, body=iter(pieces), headers=headers or {}, encode_chunked=True)
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        conn.close()
+
+
+def test_chunked_put_without_content_length_streams_to_the_origin(sprox):
+    s3 = client_for(sprox.endpoint)
+    bucket = f"te-{uuid.uuid4().hex[:12]}"
+    s3.create_bucket(Bucket=bucket)
+    payload = object_bytes("te-chunked", 3 * 1024 * 1024 + 123)
+    pieces = [payload[i:i + 100_000] for i in range(0, len(payload), 100_000)]
+    status, answer = _chunked_put(sprox.endpoint, f"/{bucket}/streamed", pieces)
+    assert status == 200, answer
+    got = s3.get_object(Bucket=bucket, Key="streamed")
+    assert got["ContentLength"] == len(payload) and got["Body"].read() == payload
+    # An empty chunked body is an empty object.
+    status, answer = _chunked_put(sprox.endpoint, f"/{bucket}/empty", [])
+    assert status == 200, answer
+    assert s3.get_object(Bucket=bucket, Key="empty")["Body"].read() == b""
+
+
+def _ceph_chunked_put(client, bucket: str):
+    """ceph/s3-tests `test_object_write_with_chunked_transfer_encoding`: boto3's PutObject
+    with `Transfer-Encoding: chunked` added before the call, so no Content-Length."""
+    def add_header(**kwargs):
+        kwargs["params"]["headers"]["Transfer-Encoding"] = "chunked"
+
+    client.meta.events.register("before-call.s3.PutObject", add_header)
+    try:
+        return client.put_object(Bucket=bucket, Key="foo", Body="bar")["ResponseMetadata"]["HTTPStatusCode"]
+    except ClientError as exc:
+        return exc.response["ResponseMetadata"]["HTTPStatusCode"]
+
+
+def test_ceph_s3_tests_chunked_transfer_encoding_answers_as_the_upstream_does(sprox):
+    bucket = f"ceph-{uuid.uuid4().hex[:12]}"
+    client_for(sprox.endpoint).create_bucket(Bucket=bucket)
+    through = _ceph_chunked_put(client_for(sprox.endpoint), bucket)
+    if sprox.upstream is not None:
+        from tests.servers import s3_client
+
+        assert through == _ceph_chunked_put(s3_client(sprox.upstream.endpoint), bucket)  # as direct
+    assert through == 200
+    assert client_for(sprox.endpoint).get_object(Bucket=bucket, Key="foo")["Body"].read() == b"bar"
+
+
+def test_an_upload_over_s3s_size_limit_is_refused_before_its_body(sprox):
+    """S3 takes at most 5 GiB in one PUT: a larger declared length is EntityTooLarge at
+    once, without waiting for (or forwarding) a byte of it."""
+    host, port = sprox.endpoint.removeprefix("http://").rsplit(":", 1)
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    try:
+        conn.putrequest("PUT", "/any-bucket/huge")
+        conn.putheader("Content-Length", str(5 * 1024**3 + 1))
+        conn.endheaders()
+        conn.send(b"x" * 1000)
+        response = conn.getresponse()
+        status, body = response.status, response.read()
+    finally:
+        conn.close()
+    assert status == 400 and error_code(body) == "EntityTooLarge", body
+
+
 def test_sigv4_auth_mode_verifies_client_signatures(start_sprox, tmp_path):
     proc = start_sprox(tmp_path, "--origin-dir", str(tmp_path / "origin"),
                        "--access-key", "sprox-ak", "--secret-key", "sprox-sk")

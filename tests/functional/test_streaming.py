@@ -33,8 +33,10 @@ def pieces():
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("framing", ["content-length", "chunked"])
 @pytest.mark.parametrize("origin", ["local", "seaweedfs"])
-def test_large_put_and_get_stream_through_bounded_memory(origin, request):
+def test_large_put_and_get_stream_through_bounded_memory(origin, framing, request):
+    """A chunked PUT (no Content-Length, `curl -T -`) streams as one with a length does."""
     sprox = request.getfixturevalue("sprox_local" if origin == "local" else "sprox_seaweed")
     bucket = f"big-{uuid.uuid4().hex[:10]}"
     client_for(sprox.endpoint).create_bucket(Bucket=bucket)
@@ -43,11 +45,16 @@ def test_large_put_and_get_stream_through_bounded_memory(origin, request):
     expected = hashlib.sha256()
     conn = http.client.HTTPConnection(host, int(port), timeout=120)
     conn.putrequest("PUT", f"/{bucket}/large.bin")
-    conn.putheader("Content-Length", str(SIZE))
+    if framing == "chunked":
+        conn.putheader("Transfer-Encoding", "chunked")
+    else:
+        conn.putheader("Content-Length", str(SIZE))
     conn.endheaders()
     for piece in pieces():
         expected.update(piece)
-        conn.send(piece)
+        conn.send(b"%x\r\n%s\r\n" % (len(piece), piece) if framing == "chunked" else piece)
+    if framing == "chunked":
+        conn.send(b"0\r\n\r\n")
     response = conn.getresponse()
     assert response.status == 200, response.read()
     response.read()
