@@ -262,8 +262,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("origin_dir", "serve this directory as buckets (one subdirectory per bucket) "
             "instead of an S3 upstream", _parse_path, metavar="DIR"),
     Setting("domain", "base domain for virtual-hosted requests (bucket.DOMAIN)", metavar="DOMAIN"),
-    Setting("auth", "how clients authenticate: none (loopback only) or sigv4 "
-            "(default: sigv4 when keys are configured, else none)", choices=AUTH_MODES),
+    Setting("auth", "how clients authenticate: none (loopback only) or sigv4 (requests signed with "
+            "SigV4 or SigV2, in the header or as presigned URLs; default: sigv4 when keys are "
+            "configured, else none)", choices=AUTH_MODES),
     Setting("access_key", "access key id clients sign with (sigv4)", metavar="KEY"),
     Setting("secret_key", "secret key for --access-key", metavar="SECRET", secret=True),
     Setting("keys", "several access keys ([[keys]] tables with access_key, secret_key, and "
@@ -285,9 +286,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("io_uring", "same as --io-backend uring", _parse_bool, switch=True),
     Setting("direct_io", "write cache fills and read cold blocks with O_DIRECT (aligned buffers), "
             "so filling the cache does not evict hot bytes from the page cache", _parse_bool, switch=True),
-    Setting("admin_port", "serve the admin routes (/_sprox/health, cache stats and purge) on this "
-            "port, and not on the data port; 0 picks a free one (default: on the data port)", _parse_int,
-            metavar="PORT"),
+    Setting("admin_port", "serve the admin routes (/_sprox/health, cache stats and purge, metrics) "
+            "unsigned on this port, and not on the data port; 0 picks a free one (default: on the data "
+            "port, where with keys configured they answer only requests signed by a key that may use "
+            "every bucket)", _parse_int, metavar="PORT"),
     Setting("admin_host", "address for --admin-port (default 127.0.0.1)", metavar="ADDR"),
     Setting("log_level", "log verbosity", choices=LOG_LEVELS),
     Setting("config", "TOML configuration file", _parse_path, metavar="FILE"),

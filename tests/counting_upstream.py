@@ -38,6 +38,8 @@ class StoredObject:
     last_modified: float
     content_type: str = "application/octet-stream"
     metadata: dict[str, str] = field(default_factory=dict)
+    # x-amz-checksum-* headers, sent (as S3 does) only on a full GET or HEAD that asks
+    checksums: dict[str, str] = field(default_factory=dict)
 
 
 class CountingUpstream(ThreadedServer):
@@ -119,6 +121,8 @@ class CountingUpstream(ThreadedServer):
             status = 206
             headers["Content-Range"] = f"bytes {first}-{last}/{size}"
         headers["Content-Length"] = str(last - first + 1)
+        if status == 200 and request.headers.get("x-amz-checksum-mode", "").upper() == "ENABLED":
+            headers.update(obj.checksums)
         response = web.StreamResponse(status=status, headers=headers)
         await response.prepare(request)
         if request.method == "GET":

@@ -31,7 +31,8 @@ CREATE TABLE IF NOT EXISTS objects (
     last_modified TEXT NOT NULL,
     headers TEXT NOT NULL,
     validated_at REAL NOT NULL,
-    block_size INTEGER NOT NULL
+    block_size INTEGER NOT NULL,
+    checksums TEXT  -- JSON [[name, value], ...] of x-amz-checksum-*; NULL: not known yet
 );
 CREATE UNIQUE INDEX IF NOT EXISTS objects_by_key ON objects (bucket, key);
 CREATE TABLE IF NOT EXISTS blocks (
@@ -68,10 +69,14 @@ class CacheIndex:
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=NORMAL")
         db.executescript(SCHEMA)
+        if "checksums" not in {row[1] for row in db.execute("PRAGMA table_info(objects)")}:
+            # An index from before checksums were kept: its records' are not known yet.
+            db.execute("ALTER TABLE objects ADD COLUMN checksums TEXT")
         for row in db.execute("SELECT id, bucket, key, etag, size, last_modified, headers, "
-                              "validated_at, block_size FROM objects"):
+                              "validated_at, block_size, checksums FROM objects"):
             record = ObjectRecord(row[0], row[1], row[2], row[3], row[4], row[5],
-                                  tuple(tuple(h) for h in json.loads(row[6])), row[7], row[8])
+                                  tuple(tuple(h) for h in json.loads(row[6])), row[7], row[8],
+                                  checksums=_checksums_from_json(row[9]))
             self._remember(record)
         for object_id, idx, crc in db.execute("SELECT object_id, idx, crc FROM blocks"):
             record = self.by_id.get(object_id)
@@ -119,7 +124,7 @@ class CacheIndex:
         self._remember(record)
         self._queue.put(("put", record.id, record.bucket, record.key, record.etag, record.size,
                          record.last_modified, json.dumps(record.headers), record.validated_at,
-                         record.block_size))
+                         record.block_size, _checksums_to_json(record.checksums)))
         return old
 
     def drop(self, record: ObjectRecord) -> bool:
@@ -148,6 +153,11 @@ class CacheIndex:
     def validated(self, record: ObjectRecord, when: float) -> None:
         record.validated_at = when
         self._queue.put(("validated", record.id, when))
+
+    def learned_checksums(self, record: ObjectRecord, checksums: tuple[tuple[str, str], ...]) -> None:
+        """The origin told the object's checksums (a HEAD or full GET with checksum mode)."""
+        record.learned_checksums(checksums)
+        self._queue.put(("checksums", record.id, _checksums_to_json(checksums)))
 
     def _remember(self, record: ObjectRecord) -> None:
         self.by_key[(record.bucket, record.key)] = record
@@ -204,9 +214,19 @@ class CacheIndex:
                 db.execute("DELETE FROM blocks WHERE object_id = ?", (old_id,))
                 db.execute("DELETE FROM objects WHERE id = ?", (old_id,))
             db.execute("INSERT OR REPLACE INTO objects (id, bucket, key, etag, size, last_modified, headers, "
-                       "validated_at, block_size) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", op[1:])
+                       "validated_at, block_size, checksums) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", op[1:])
         elif kind == "drop":
             db.execute("DELETE FROM blocks WHERE object_id = ?", op[1:])
             db.execute("DELETE FROM objects WHERE id = ?", op[1:])
         elif kind == "validated":
             db.execute("UPDATE objects SET validated_at = ? WHERE id = ?", (op[2], op[1]))
+        elif kind == "checksums":
+            db.execute("UPDATE objects SET checksums = ? WHERE id = ?", (op[2], op[1]))
+
+
+def _checksums_to_json(checksums: tuple[tuple[str, str], ...] | None) -> str | None:
+    return None if checksums is None else json.dumps(checksums)
+
+
+def _checksums_from_json(text: str | None) -> tuple[tuple[str, str], ...] | None:
+    return None if text is None else tuple(tuple(pair) for pair in json.loads(text))

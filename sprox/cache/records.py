@@ -27,6 +27,21 @@ def replayable(name: str) -> bool:
     return lower not in _NOT_REPLAYED and not lower.startswith("x-amz-checksum-")
 
 
+def checksum_headers(status: int, headers, asked: bool) -> tuple[tuple[str, str], ...] | None:
+    """The object's `x-amz-checksum-*` headers (its type among them) from an origin
+    answer that asked for them (`asked`: sent with x-amz-checksum-mode: ENABLED); None
+    when the answer cannot tell: not asked, or a range, which S3 answers without them."""
+    if not asked or status != 200:
+        return None
+    return tuple((k.lower(), v) for k, v in headers.items() if k.lower().startswith("x-amz-checksum-"))
+
+
+def wants_checksums(headers) -> bool:
+    """Whether a GET or HEAD asks for the object's checksums (S3 sends them only then)."""
+    mode = headers.get("x-amz-checksum-mode")
+    return mode is not None and mode.upper() == "ENABLED"
+
+
 def object_size(status: int, headers) -> int | None:
     """The full object size from a 200 (Content-Length) or 206 (Content-Range total)."""
     if status == 206:
@@ -58,8 +73,13 @@ class ObjectRecord:
     # Blocks loaded from the index after a restart: their bytes are checked against
     # the CRC on first use, so a block lost in a power failure is a miss, never bad bytes.
     unverified: bytearray = field(default_factory=bytearray)
-    # Its response headers rendered for the fast lane (made on the first hit).
+    # The object's x-amz-checksum-* headers, answered only to a full read that asks for
+    # them (x-amz-checksum-mode: ENABLED), as S3 does; None until the origin told them.
+    checksums: tuple[tuple[str, str], ...] | None = None
+    # Its response headers rendered for the fast lane (made on the first hit), and
+    # with the checksum headers too.
     rendered: bytes | None = field(default=None, repr=False)
+    rendered_with_checksums: bytes | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         blocks = self.block_count
@@ -71,14 +91,19 @@ class ObjectRecord:
 
     @classmethod
     def from_response(cls, object_id: int, bucket: str, key: str, status: int, headers,
-                      block_size: int) -> ObjectRecord | None:
+                      block_size: int, *, asked_checksums: bool = False) -> ObjectRecord | None:
+        """`asked_checksums`: the request that got this answer asked for checksums."""
         etag = headers.get("ETag")
         size = object_size(status, headers)
         if not etag or size is None:
             return None
         replay = tuple((k, v) for k, v in headers.items() if replayable(k))
         return cls(object_id, bucket, key, etag, size, headers.get("Last-Modified", ""), replay,
-                   time.time(), block_size)
+                   time.time(), block_size, checksums=checksum_headers(status, headers, asked_checksums))
+
+    def learned_checksums(self, checksums: tuple[tuple[str, str], ...]) -> None:
+        self.checksums = checksums
+        self.rendered_with_checksums = None
 
     @property
     def block_count(self) -> int:

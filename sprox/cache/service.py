@@ -40,15 +40,15 @@ from .fill import FAILED, PERSISTED, BlockFill, FillRun, NotCached, ObjectChange
 from .io import ALIGNMENT, IOBackend, make_backend
 from .index import CacheIndex
 from .policy import S3FIFO
-from .records import ObjectRecord
+from .records import ObjectRecord, checksum_headers, wants_checksums
 
 log = logging.getLogger("sprox.cache")
 
 # Query parameters that change what a GET returns in ways the cache does not model.
 _BYPASS_PARAMS = frozenset({"versionId", "partNumber"})
 # SSE-C: the key is in the request, and the bytes must not outlive it in our cache.
-# (x-amz-checksum-mode is not here: boto3 sends it on every GET. Cached answers carry
-# no checksum headers, as S3's own ranged answers do not, and clients then skip it.)
+# (x-amz-checksum-mode is not here: boto3 sends it on every GET. The record keeps the
+# object's checksums, and a full read that asks for them gets them, as from S3.)
 _BYPASS_HEADERS = ("x-amz-server-side-encryption-customer-algorithm",)
 # Writes that change an object (and so must drop its cached record before returning).
 OBJECT_WRITES = frozenset({
@@ -57,6 +57,7 @@ OBJECT_WRITES = frozenset({
     "PutObjectRetention", "PutObjectLegalHold",
 })
 MAX_ATTEMPTS = 3
+CHECKSUM_MODE = "x-amz-checksum-mode"
 
 
 @dataclass(slots=True)
@@ -207,7 +208,10 @@ class ObjectCache:
         bucket, key = request.bucket, request.key
         assert bucket is not None and key is not None
         record = self.index.get(bucket, key)
-        if record is not None and self._stale(request, record):
+        if record is not None and (self._stale(request, record) or
+                                   (record.checksums is None and _asks_full_checksums(request))):
+            # (A record made from a ranged GET does not know the object's checksums: the
+            # HEAD that revalidates it asks for them.)
             record, answer = await self._revalidate(request, record)
             if answer is not None:
                 return answer
@@ -235,7 +239,12 @@ class ObjectCache:
 
     # -- cold paths --------------------------------------------------------------------------------
 
-    def _origin_request(self, request: S3Request, method: str, headers: dict[str, str]) -> S3Request:
+    def _origin_request(self, request: S3Request, method: str, headers: dict[str, str], *,
+                        ask_checksums: bool = False) -> S3Request:
+        """A HEAD or GET of the object; `ask_checksums` (a HEAD, or a GET of the whole
+        object: S3 answers a range without them) asks for its checksums, for the record."""
+        if ask_checksums:
+            headers = {**headers, CHECKSUM_MODE: "ENABLED"}
         return S3Request(
             request_id=request.request_id, method=method, operation="HeadObject" if method == "HEAD" else "GetObject",
             bucket=request.bucket, key=request.key, query=MultiDictProxy(MultiDict()),
@@ -265,7 +274,7 @@ class ObjectCache:
     async def _learn_by_head_once(self, request: S3Request) -> tuple[ObjectRecord | None, CachedAnswer | None]:
         generation = self._generation.get((request.bucket, request.key), 0)
         request.stats.upstream_requests += 1
-        response = await self.origin.send(self._origin_request(request, "HEAD", {}))
+        response = await self.origin.send(self._origin_request(request, "HEAD", {}, ask_checksums=True))
         if response.status >= 500 and request.method == "HEAD":
             # The origin is failing and send() has already retried: for a HEAD this is
             # the answer. Asking again would double what a failing origin is sent.
@@ -276,7 +285,7 @@ class ObjectCache:
             # client gets the origin's answer (with its body, for a GET).
             return None, await self._passthrough(request)
         await response.close()
-        record = self._install(request, 200, response.headers, generation)
+        record = self._install(request, 200, response.headers, generation, asked_checksums=True)
         if record is None:
             return None, await self._passthrough(request)
         return record, None
@@ -307,10 +316,12 @@ class ObjectCache:
                 end = "" if open_ended else str((last // bs + 1) * bs - 1)
                 headers["Range"] = f"bytes={first_block * bs}-{end}"
         request.stats.upstream_requests += 1
-        response = await self.origin.send(self._origin_request(request, "GET", headers))
+        origin_request = self._origin_request(request, "GET", headers, ask_checksums="Range" not in headers)
+        response = await self.origin.send(origin_request)
         if response.status not in (200, 206):
             return self._as_passthrough(response)
-        record = self._install(request, response.status, response.headers, generation)
+        record = self._install(request, response.status, response.headers, generation,
+                               asked_checksums=CHECKSUM_MODE in origin_request.headers)
         if record is None:
             await response.close()
             return await self._passthrough(request)
@@ -329,11 +340,12 @@ class ObjectCache:
         learned.set_result(None)  # the record and its fill exist: waiters can join
         return await self._serve_known(request, record, client_range, fills=fills, outcome_miss=True)
 
-    def _install(self, request: S3Request, status: int, headers, generation: int) -> ObjectRecord | None:
+    def _install(self, request: S3Request, status: int, headers, generation: int, *,
+                 asked_checksums: bool) -> ObjectRecord | None:
         if self._generation.get((request.bucket, request.key), 0) != generation:
             return None  # a write went through meanwhile: do not cache the old version
         record = ObjectRecord.from_response(self.index.new_id(), request.bucket, request.key, status, headers,
-                                            self.block_size)
+                                            self.block_size, asked_checksums=asked_checksums)
         if record is None:
             return None
         old = self.index.get(request.bucket, request.key)
@@ -351,7 +363,7 @@ class ObjectCache:
             self._revalidations[key] = pending
             try:
                 request.stats.upstream_requests += 1
-                response = await self.origin.send(self._origin_request(request, "HEAD", {}))
+                response = await self.origin.send(self._origin_request(request, "HEAD", {}, ask_checksums=True))
                 await response.close()
                 length = response.headers.get("Content-Length")
                 # The size is checked as well as the ETag: a record sized by an answer
@@ -359,6 +371,9 @@ class ObjectCache:
                 if response.status == 200 and response.headers.get("ETag") == record.etag and \
                         (length is None or length == str(record.size)):
                     self.index.validated(record, time.time())
+                    learned = checksum_headers(200, response.headers, asked=True)
+                    if learned != record.checksums:
+                        self.index.learned_checksums(record, learned)
                     pending.set_result(record)
                 elif response.status >= 500:
                     # The origin is failing, not the object changing: the client gets the
@@ -415,6 +430,8 @@ class ObjectCache:
         like `_span`."""
         status, first, last, ranged = cls._span(request, record, range_header)
         headers = _record_headers(record)
+        if status == 200 and record.checksums and wants_checksums(request.headers):
+            headers.extend(record.checksums)
         conditions.apply_response_overrides(request.query, headers)
         if ranged is not None:
             headers["Content-Range"] = ranged
@@ -447,11 +464,18 @@ class ObjectCache:
             status, first, last, ranged = self._span(request, record, request.headers.get("Range"))
         except errors.S3Error:
             return None
-        rendered = record.rendered
-        if rendered is None:
-            # Rendered once per record: a hit then costs no header dictionary at all.
-            rendered = record.rendered = "".join(
-                f"{name}: {value}\r\n" for name, value in _record_headers(record).items()).encode()
+        if status == 200 and wants_checksums(request.headers):
+            if record.checksums is None:
+                return None  # the general path asks the origin for them
+            rendered = record.rendered_with_checksums
+            if rendered is None:
+                rendered = record.rendered_with_checksums = _render(_record_headers(record).items(),
+                                                                    record.checksums)
+        else:
+            rendered = record.rendered
+            if rendered is None:
+                # Rendered once per record: a hit then costs no header dictionary at all.
+                rendered = record.rendered = _render(_record_headers(record).items())
         length = last - first + 1
         if request.method == "HEAD" or length == 0:
             return HitPlan(status, rendered, ranged, length, record, -1, first, ())
@@ -763,6 +787,15 @@ class ObjectCache:
     @property
     def used_bytes(self) -> int:
         return self.policy.used
+
+
+def _render(*header_lists) -> bytes:
+    return "".join(f"{name}: {value}\r\n" for headers in header_lists for name, value in headers).encode()
+
+
+def _asks_full_checksums(request: S3Request) -> bool:
+    """A read whose answer (a 200, with no Range) carries the checksums it asks for."""
+    return "Range" not in request.headers and wants_checksums(request.headers)
 
 
 def _record_headers(record: ObjectRecord) -> CIMultiDict:

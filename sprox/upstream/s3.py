@@ -22,8 +22,8 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from .._version import __version__
-from ..s3 import errors
-from ..s3.body import RequestBody
+from ..s3 import checksums, errors
+from ..s3.body import STREAMING_UNSIGNED_TRAILER, RequestBody
 from ..s3.numbers import decimal, parse_content_range
 from ..s3.request import S3Request
 from .base import OriginResponse, UpstreamBodyError
@@ -269,23 +269,70 @@ def _prepare_body(body: RequestBody, client_headers, headers: CIMultiDict[str]) 
         # else: no length up front, so aiohttp frames it with Transfer-Encoding: chunked,
         # as the client did; the upstream decides whether it takes that.
         # The same bytes go upstream, so a real payload hash stays valid and lets the
-        # upstream check integrity end to end.
+        # upstream check integrity end to end. decoded() of a plain body is its bytes as
+        # sent, with the declared SHA-256 and x-amz-checksum-* checked on the way (the
+        # last piece held back until they match): whatever the upstream checks, a
+        # corrupt upload does not complete.
         is_hash = len(client_hash) == 64 and all(c in "0123456789abcdef" for c in client_hash)
-        return body.raw(), client_hash if is_hash else UNSIGNED_PAYLOAD
-    # aws-chunked: signed chunks are bound to the client's key for Sprox, and not
-    # every S3 service handles trailers (SeaweedFS stores "aws-chunked" as the object's
-    # Content-Encoding). So Sprox unwraps the framing, verifies any trailing checksum
-    # itself while streaming (decoded() holds the last bytes back until it matches),
-    # and sends the payload plainly.
+        return body.decoded(), client_hash if is_hash else UNSIGNED_PAYLOAD
+    # aws-chunked: signed chunks are bound to the client's key for Sprox, so Sprox
+    # unwraps the framing and verifies any declared checksum itself while streaming
+    # (decoded() holds the last bytes back until it matches). A checksum in a header
+    # travels on as that header, with the payload sent plainly; one that comes in the
+    # trailer is known only at the end, so the payload goes on re-framed as unsigned
+    # aws-chunked with the same trailer, and the upstream stores the checksum too.
     encodings = [e for e in body.content_encoding.split(",") if e and e != "aws-chunked"]
-    if encodings:
-        headers["Content-Encoding"] = ",".join(encodings)
-    else:
-        headers.popall("Content-Encoding", None)
+    headers.popall("Content-Encoding", None)
     headers.popall("x-amz-decoded-content-length", None)
     headers.popall("x-amz-trailer", None)
+    algorithm = body.checksum_algorithm
+    if body.has_trailer and algorithm is not None and checksums.header_name(algorithm) not in client_headers:
+        trailer = checksums.header_name(algorithm)
+        # No "aws-chunked" in Content-Encoding: S3 (and MinIO, Ceph) know the framing
+        # from x-amz-content-sha256, and SeaweedFS would store it as the object's
+        # encoding. Any encoding of the client's own goes on as it came.
+        if encodings:
+            headers["Content-Encoding"] = ",".join(encodings)
+        headers["x-amz-decoded-content-length"] = str(body.decoded_length)
+        headers["x-amz-trailer"] = trailer
+        headers["Content-Length"] = str(reframed_length(body.decoded_length, algorithm))
+        return reframe_with_trailer(body, trailer), STREAMING_UNSIGNED_TRAILER
+    if encodings:
+        headers["Content-Encoding"] = ",".join(encodings)
     headers["Content-Length"] = str(body.decoded_length)
     return body.decoded(), UNSIGNED_PAYLOAD
+
+
+# The chunk size of re-framed aws-chunked bodies (S3 takes chunks of 8 KiB and more).
+REFRAME_CHUNK = 256 * 1024
+
+
+def reframed_length(payload_length: int, algorithm: str) -> int:
+    """The exact wire length of `reframe_with_trailer`'s output, for Content-Length
+    (S3 wants one for aws-chunked uploads): full chunks, a last short one, the final
+    empty chunk and the one trailer, whose base64 value has a fixed size."""
+    full, rest = divmod(payload_length, REFRAME_CHUNK)
+    length = full * (len(f"{REFRAME_CHUNK:x}") + 2 + REFRAME_CHUNK + 2)
+    if rest:
+        length += len(f"{rest:x}") + 2 + rest + 2
+    value_length = 4 * ((checksums.DIGEST_SIZES[algorithm] + 2) // 3)
+    return length + len(b"0\r\n") + len(checksums.header_name(algorithm)) + 1 + value_length + 2 + 2
+
+
+async def reframe_with_trailer(body: RequestBody, trailer: str) -> AsyncIterator[bytes]:
+    """`body`'s payload as unsigned aws-chunked (chunks of REFRAME_CHUNK) ending with
+    the trailer the client sent. The payload's last bytes come only once decoded() has
+    verified the checksum, so a bad one never completes the upload upstream."""
+    pending = bytearray()
+    async for piece in body.decoded():
+        pending += piece
+        while len(pending) >= REFRAME_CHUNK:
+            yield b"%x\r\n%s\r\n" % (REFRAME_CHUNK, pending[:REFRAME_CHUNK])
+            del pending[:REFRAME_CHUNK]
+    if pending:
+        yield b"%x\r\n%s\r\n" % (len(pending), pending)
+    value = body.declared_checksum()
+    yield f"0\r\n{trailer}:{value}\r\n\r\n".encode()
 
 
 async def _iter_response(response: aiohttp.ClientResponse, timeout: float) -> AsyncIterator[bytes]:

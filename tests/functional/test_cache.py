@@ -211,6 +211,59 @@ def test_warm_data_stays_warm_across_a_restart(start_sprox, tmp_path, upstream):
     assert upstream.count() == 0
 
 
+def test_checksums_are_kept_by_the_record_and_answered_like_s3(start_sprox, tmp_path, upstream):
+    """A read that asks (x-amz-checksum-mode: ENABLED) for the whole object gets the
+    object's checksums from the cache, across a restart and in the fast lane; a range
+    or a read that does not ask gets none. A record made from a range learns them once,
+    with one HEAD."""
+    import base64
+    import json
+    import urllib.request
+    import zlib
+
+    data = object_bytes("summed", SIZE)
+    crc = base64.b64encode(zlib.crc32(data).to_bytes(4, "big")).decode()
+    sums = {"x-amz-checksum-crc32": crc, "x-amz-checksum-type": "FULL_OBJECT"}
+    upstream.put("bkt", "s", data, checksums=sums)
+    proc = start(start_sprox, tmp_path, upstream, "--ttl", "3600")
+    mode = {"x-amz-checksum-mode": "ENABLED"}
+
+    def fast_lane_hits() -> int:
+        with urllib.request.urlopen(proc.endpoint + "/_sprox/cache/stats", timeout=10) as response:
+            return json.load(response)["fast_lane_hits"]
+
+    status, headers, body = get(proc, "s", "bytes=0-99", **mode)  # the record comes from a range
+    assert status == 206 and body == data[:100] and "x-amz-checksum-crc32" not in headers
+    for attempt in range(2):
+        status, headers, body = get(proc, "s", **mode)
+        assert status == 200 and body == data, attempt
+        assert (headers["x-amz-checksum-crc32"], headers["x-amz-checksum-type"]) == (crc, "FULL_OBJECT")
+    assert upstream.count("HEAD") == 1  # learned once; the second read was the cache's alone
+    status, headers, body = get(proc, "s")  # not asked: not sent
+    assert status == 200 and not any(name.startswith("x-amz-checksum-") for name in headers)
+    status, headers, _ = raw(proc.endpoint, "HEAD", "/bkt/s", mode)
+    assert headers["x-amz-checksum-crc32"] == crc
+
+    proc.stop()
+    proc = start(start_sprox, tmp_path, upstream, "--ttl", "3600")
+    upstream.reset_counts()
+    get(proc, "s", **mode)  # checks the restarted blocks once
+    before = fast_lane_hits()
+    status, headers, body = get(proc, "s", **mode)
+    assert status == 200 and body == data and headers["x-amz-checksum-crc32"] == crc
+    assert headers["x-cache"] == "HIT" and fast_lane_hits() == before + 1
+    status, headers, body = get(proc, "s", "bytes=10-19", **mode)
+    assert body == data[10:20] and "x-amz-checksum-crc32" not in headers
+    assert upstream.count() == 0  # the record kept them across the restart
+
+    # A full first read (a GET of the whole object) learns them from its own answer.
+    upstream.put("bkt", "t", data, checksums=sums)
+    upstream.reset_counts()
+    assert get(proc, "t", **mode)[1]["x-amz-checksum-crc32"] == crc
+    assert get(proc, "t", **mode)[1]["x-amz-checksum-crc32"] == crc
+    assert upstream.count("HEAD") == 0
+
+
 def test_a_damaged_block_file_is_a_miss_never_wrong_bytes(start_sprox, tmp_path, upstream):
     proc = start(start_sprox, tmp_path, upstream, "--ttl", "3600")
     upstream.put("bkt", "d", object_bytes("d", SIZE))

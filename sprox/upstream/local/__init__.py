@@ -44,10 +44,9 @@ Limitations of this layout, and where it differs from S3:
   atomic rename would cross file systems).
 - No versioning, ACLs, tagging, object lock or bucket configuration: those
   operations answer 501 NotImplemented.
-- `x-amz-checksum-*` values are verified (by `RequestBody`, as the body is read)
-  when `sprox.s3.checksums` can compute the algorithm (CRC64NVME needs awscrt,
-  CRC32C the crc32c package or awscrt); otherwise they are stored and returned
-  unverified. Multipart uploads keep no composite checksum.
+- `x-amz-checksum-*` values (every algorithm S3 offers) are verified by
+  `RequestBody` as the body is read, stored, and returned on GET and HEAD with
+  `x-amz-checksum-mode: ENABLED`. Multipart uploads keep no composite checksum.
 
 Modules, from the bottom up:
 

@@ -21,16 +21,13 @@ from ...s3 import checksums, errors
 from ...s3.body import RequestBody
 from .records import StoredChecksum
 
-_CHECKSUM_SIZES = {"crc32": 4, "crc32c": 4, "crc64nvme": 8, "sha1": 20, "sha256": 32}
-
-
 def _check_checksum_value(algorithm: str, value: str) -> None:
     """InvalidRequest unless `value` is the base64 of a digest of the right size."""
     try:
         raw = base64.b64decode(value, validate=True)
     except ValueError:
         raw = b""
-    if len(raw) != _CHECKSUM_SIZES[algorithm]:
+    if len(raw) != checksums.DIGEST_SIZES[algorithm]:
         raise errors.invalid_request(f"Value for x-amz-checksum-{algorithm} header is invalid.")
 
 
@@ -75,8 +72,9 @@ class ChecksumPlan:
         declared = headers.get("x-amz-sdk-checksum-algorithm") or headers.get("x-amz-checksum-algorithm")
         if declared:
             if declared.lower() not in checksums.ALGORITHMS:
+                valid = ", ".join(a.upper() for a in checksums.ALGORITHMS)
                 raise errors.invalid_request("Checksum algorithm provided is unsupported. Please try again "
-                                             "with any of the valid types: [CRC32, CRC32C, CRC64NVME, SHA1, SHA256]")
+                                             f"with any of the valid types: [{valid}]")
             plan.algorithm = declared.lower()  # computed and returned, nothing to verify
         return plan
 
