@@ -15,6 +15,7 @@ from pathlib import Path
 from . import config as config_mod
 from ._version import __version__
 from .config import SETTINGS, Config, ConfigError
+from .eventloop import loop_factory
 from .s3.numbers import decimal
 
 CACHE_EPILOGUES = {
@@ -136,7 +137,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=config.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        return asyncio.run(serve(config))
+        make_loop, loop_name = loop_factory(config.event_loop)
+    except RuntimeError as exc:
+        print(f"sprox: error: --event-loop: {exc}", file=sys.stderr)
+        return 2
+    try:
+        with asyncio.Runner(loop_factory=make_loop) as runner:
+            return runner.run(serve(config, loop_name))
     except KeyboardInterrupt:
         return 130
 
@@ -360,7 +367,7 @@ def _non_negative(value: float | None, flag: str, default: float) -> float:
     return value
 
 
-async def serve(config: Config) -> int:
+async def serve(config: Config, loop_name: str = "asyncio") -> int:
     from .server import ADMIN_PREFIX, Sprox
 
     sprox = Sprox(config)
@@ -386,7 +393,7 @@ async def serve(config: Config) -> int:
              f"ttl {config.ttl:g} s, {io} I/O{', O_DIRECT' if config.direct_io else ''})"
              if config.cache_path else "off (--no-cache)")
     print(f"Sprox listening on {sprox.endpoint}\n  fronting {sprox.origin.description}\n"
-          f"  cache: {cache}\n  auth: {config.auth_mode}"
+          f"  cache: {cache}\n  auth: {config.auth_mode}\n  event loop: {loop_name}"
           + (f"\n  admin: {sprox.admin_endpoint}{ADMIN_PREFIX} (not on the data port)"
              if config.admin_port is not None else ""), flush=True)
     from . import lane, ranges

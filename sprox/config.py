@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from .eventloop import EVENT_LOOPS
 from .s3.numbers import decimal
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -99,6 +100,7 @@ class Config:
     list_ttl: float = 0.0
     no_cache: bool = False
     io_backend: str = "auto"
+    event_loop: str = "auto"
     io_uring: bool = False
     direct_io: bool = False
 
@@ -284,6 +286,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("io_backend", "how cache fills are written and cold blocks read: auto (io_uring when the "
             "kernel and the build allow it, else a thread pool), uring, or threads", choices=IO_BACKENDS),
     Setting("io_uring", "same as --io-backend uring", _parse_bool, switch=True),
+    Setting("event_loop", "the asyncio event loop: auto (uvloop when installed, else the standard "
+            "loop), uvloop (an error if it is not installed), or asyncio", choices=EVENT_LOOPS),
     Setting("direct_io", "write cache fills and read cold blocks with O_DIRECT (aligned buffers), "
             "so filling the cache does not evict hot bytes from the page cache", _parse_bool, switch=True),
     Setting("admin_port", "serve the admin routes (/_sprox/health, cache stats and purge, metrics) "
@@ -458,6 +462,8 @@ def _validate(c: Config) -> None:
                           "between 64KiB and 64MiB")
     if c.cache_size < c.block_size and not c.no_cache:
         raise ConfigError("--cache-size", f"{c.cache_size} bytes is smaller than one block ({c.block_size})")
+    if c.event_loop not in EVENT_LOOPS:
+        raise ConfigError("--event-loop", f"{c.event_loop!r} is not one of {', '.join(EVENT_LOOPS)}")
     if c.io_backend not in IO_BACKENDS:
         raise ConfigError("--io-backend", f"{c.io_backend!r} is not one of {', '.join(IO_BACKENDS)}")
     if c.io_uring and c.io_backend not in ("auto", "uring"):

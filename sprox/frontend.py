@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import aiohttp
 from aiohttp import web
-from multidict import CIMultiDict, CIMultiDictProxy
+from multidict import CIMultiDict, CIMultiDictProxy, MultiDict, MultiDictProxy
 
 from .analytics.accesslog import AccessRecord
 from .cache.service import OBJECT_WRITES, FileSpan, HitPlan
@@ -90,9 +90,13 @@ class FrontEnd:
             if self.verifier is not None:
                 verified = self.verifier.authenticate(request)
                 request.access_key = verified.access_key
+                if verified.query_headers:
+                    apply_query_headers(request, verified.query_headers)
                 rights.check(self.key_rights[verified.access_key], request)
                 if request.body is not None:
                     request.body.expect_signatures(verified)
+            if request.body is not None:
+                request.body.check_declared_size()
             if request.operation in OBJECT_READS and self.cache is None:
                 request.stats.cache = "BYPASS"
             elif request.operation in OBJECT_READS and self.cache is not None:
@@ -168,7 +172,10 @@ class FrontEnd:
             if request.operation not in OBJECT_READS or cache.bypass_reason(request) is not None:
                 return None
             if self.verifier is not None:
-                request.access_key = self.verifier.verify(request)
+                verified = self.verifier.authenticate(request)
+                if verified.query_headers:
+                    return None  # the general path applies them (SSE-C, say, changes everything)
+                request.access_key = verified.access_key
                 rights.check(self.key_rights[request.access_key], request)
         except errors.S3Error:
             return None
@@ -363,6 +370,18 @@ class FrontEnd:
             await response.write(chunk)
             offset += len(chunk)
             remaining -= len(chunk)
+
+
+def apply_query_headers(request: S3Request, names_values: tuple[tuple[str, str], ...]) -> None:
+    """A SigV2 presigned URL carries its signed x-amz-* headers (SSE-C keys, an ACL,
+    metadata) as query parameters: from here on they are headers, as S3 treats them,
+    and no longer part of the query forwarded upstream."""
+    headers = CIMultiDict(request.headers)
+    for name, value in names_values:
+        headers.add(name, value)
+    request.headers = CIMultiDictProxy(headers)
+    query = MultiDict((k, v) for k, v in request.query.items() if not k.lower().startswith("x-amz-"))
+    request.query = MultiDictProxy(query)
 
 
 def object_span(method: str, status: int, content_range: str | None,

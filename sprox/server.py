@@ -22,6 +22,7 @@ from multidict import MultiDict, MultiDictProxy
 
 from . import metrics
 from .config import Config, ConfigError, http_url
+from .eventloop import loop_factory
 from .frontend import FrontEnd, error_response
 from .s3 import errors
 from .s3.request import S3Request, new_request_id
@@ -335,7 +336,8 @@ def run_in_thread(config: Config | None = None, **settings: Any) -> Iterator[Spr
     if config is None:
         settings.setdefault("port", 0)
     sprox = Sprox(config, **settings)
-    loop = asyncio.new_event_loop()
+    make_loop, _ = loop_factory(sprox.config.event_loop)
+    loop = make_loop()
     started = threading.Event()
     failure: list[BaseException] = []
 

@@ -47,6 +47,7 @@ class CountingUpstream(ThreadedServer):
         self.objects: dict[str, StoredObject] = {}  # "bucket/key" -> object
         self.seen: list[Seen] = []
         self.first_byte_delay = first_byte_delay
+        self.failing: dict[str, int] = {}  # method -> the 5xx status every such request gets
         self.port = 0
         self._lock = threading.Lock()
 
@@ -76,6 +77,8 @@ class CountingUpstream(ThreadedServer):
                                   request.headers.get("If-Match")))
         if self.first_byte_delay:
             await asyncio.sleep(self.first_byte_delay)
+        if request.method in self.failing:
+            return web.Response(status=self.failing[request.method])
         name = path.lstrip("/")
         if request.method == "PUT":
             self.put(*name.split("/", 1), await request.read(),

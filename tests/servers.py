@@ -428,6 +428,18 @@ class SproxProcess:
                         self.endpoint = match.group(1).rstrip("/")
                         self._ready.set()
 
+    def wait_for_line(self, predicate, timeout: float = 10.0) -> str:
+        """The first stdout line `predicate` holds for, waiting for it to be printed (the
+        banner's lines follow the 'listening on' line that `start` waits for)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            for line in list(self.lines):
+                if predicate(line):
+                    return line
+            if time.monotonic() > deadline or (self._proc is not None and self._proc.poll() is not None):
+                raise AssertionError(f"no such line within {timeout:g}s\n{self.log_text()}")
+            time.sleep(0.01)
+
     def log_text(self) -> str:
         """Everything Sprox printed so far: stdout lines, then stderr."""
         try:

@@ -148,7 +148,9 @@ def purge(cache_dir: Path, bucket: str | None, prefix: str, signer=None) -> int:
                 index.close()
             return len(doomed)
     except CacheBusy:
-        query = urllib.parse.urlencode({k: v for k, v in (("bucket", bucket), ("prefix", prefix)) if v})
+        # quote_via=quote: a space is %20, never `+`, which signers and S3 read differently.
+        query = urllib.parse.urlencode({k: v for k, v in (("bucket", bucket), ("prefix", prefix)) if v},
+                                       quote_via=urllib.parse.quote)
         return admin_call(cache_dir, "POST", f"/_sprox/cache/purge?{query}", signer, timeout=30)["purged"]
 
 

@@ -208,11 +208,20 @@ class ObjectCache:
         bucket, key = request.bucket, request.key
         assert bucket is not None and key is not None
         record = self.index.get(bucket, key)
-        if record is not None and (self._stale(request, record) or
-                                   (record.checksums is None and _asks_full_checksums(request))):
+        stale = record is not None and self._stale(request, record)
+        if stale or (record is not None and record.checksums is None and _asks_full_checksums(request)):
             # (A record made from a ranged GET does not know the object's checksums: the
             # HEAD that revalidates it asks for them.)
-            record, answer = await self._revalidate(request, record)
+            try:
+                record, answer = await self._revalidate(request, record)
+            except errors.S3Error as exc:
+                if stale or exc.status < 500:
+                    raise
+                # Fresh, and only its checksums unknown: the origin failing is no reason
+                # to refuse cached bytes; they go without checksums, as a range would.
+                log.info("%s/%s: checksums not learned (origin answered %d); served without",
+                         bucket, key, exc.status)
+                answer = None
             if answer is not None:
                 return answer
         head = request.method == "HEAD"

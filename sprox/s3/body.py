@@ -55,8 +55,6 @@ class RequestBody:
                  *, verify_checksum: bool = True, max_length: int = MAX_UPLOAD_BYTES) -> None:
         self._reader = reader
         self.max_length = max_length
-        if decoded_length is not None and decoded_length > max_length:
-            raise _too_large(decoded_length, max_length)
         # CompleteMultipartUpload's checksum headers describe the object, not the body.
         self._verify_checksum = verify_checksum
         self._headers = headers if headers is not None else {}
@@ -97,6 +95,19 @@ class RequestBody:
         reader.feed_eof()
         return cls(reader, headers.get("x-amz-content-sha256", ""), len(data), len(data), "",
                    headers, verify_checksum=False)
+
+    def check_declared_size(self) -> None:
+        """EntityTooLarge when the body declares more than one upload may hold. Called
+        once the request is authenticated (an unsigned one gets its 403 first); a body
+        of unknown length is held to the limit as it streams."""
+        if self.decoded_length is not None and self.decoded_length > self.max_length:
+            raise _too_large(self.decoded_length, self.max_length)
+
+    @property
+    def verifies_checksum(self) -> bool:
+        """Whether decoded() checks the declared x-amz-checksum-* (not for a
+        CompleteMultipartUpload, whose checksum headers describe the object)."""
+        return self._verify_checksum
 
     @property
     def aws_chunked(self) -> bool:
@@ -204,6 +215,11 @@ class RequestBody:
         held = b""
         async for piece in pieces:
             total += len(piece)
+            if decoder is not None and self.decoded_length is not None and total > self.decoded_length:
+                # Refused before the extra bytes go anywhere: whoever forwards the body
+                # with the declared length must never see a whole (truncated) one.
+                raise errors.S3Error("IncompleteBody", "The request body is longer than the "
+                                     "x-amz-decoded-content-length HTTP header says", 400)
             if checksum is not None:
                 checksum.update(piece)
             if held:

@@ -207,6 +207,14 @@ _BUCKET_SUBRESOURCES = (
     "tagging", "versioning", "website", "accelerate",
 )
 _OBJECT_SUBRESOURCES = ("acl", "tagging", "retention", "legal-hold", "attributes", "torrent")
+# Every query parameter whose presence or value decides the operation (or the object
+# version or part) a request acts on, as `operation_name` and the cache read them: a
+# signature that does not cover one of these does not cover what the request does
+# (SigV2 signs only some parameters; sigv2.py signs these too). `list-type` is not
+# here: it only picks between ListObjects and ListObjectsV2, both reads.
+OPERATION_PARAMS = frozenset(_BUCKET_SUBRESOURCES + _OBJECT_SUBRESOURCES + (
+    "location", "uploads", "versions", "uploadId", "partNumber", "versionId", "delete", "restore", "select",
+))
 
 
 def _subresource(query: MultiDict[str], names: tuple[str, ...]) -> str | None:

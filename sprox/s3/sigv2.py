@@ -36,24 +36,23 @@ from multidict import CIMultiDictProxy
 
 from . import errors
 from .errors import S3Error
-from .request import S3Request
+from .request import OPERATION_PARAMS, S3Request
 
 ALGORITHM = "AWS"  # the Authorization scheme: `AWS AKID:signature`
 # The query parameters of a presigned URL.
 QUERY_PARAMS = ("AWSAccessKeyId", "Signature", "Expires")
 
-# The query parameters that are part of what a V2 signature covers: the sub-resources
-# S3 names and the response-* overrides. Any other parameter is not signed (S3's
-# list; SDKs sign exactly these).
-SIGNED_SUBRESOURCES = frozenset({
-    # bucket and object sub-resources
+# The query parameters a V2 signature covers: the sub-resources S3 names and the
+# response-* overrides (what SDKs sign), and every other parameter that selects what a
+# request does (request.OPERATION_PARAMS): a parameter that changes the operation must
+# be signed, or a presigned GET could be turned into, say, a PutObjectRetention. (A
+# client that signs a newer sub-resource without it fails closed: SignatureDoesNotMatch.)
+SIGNED_SUBRESOURCES = OPERATION_PARAMS | frozenset({
     "accelerate", "acl", "analytics", "cors", "defaultObjectAcl", "delete", "inventory",
     "lifecycle", "location", "logging", "metrics", "notification", "object-lock", "policy",
     "replication", "requestPayment", "restore", "select", "select-type", "storageClass",
     "tagging", "torrent", "versioning", "versions", "website",
-    # multipart uploads and versions
     "partNumber", "uploadId", "uploads", "versionId",
-    # response header overrides of GetObject
     "response-cache-control", "response-content-disposition", "response-content-encoding",
     "response-content-language", "response-content-type", "response-expires",
 })
@@ -77,14 +76,21 @@ def canonical_resource(request: S3Request, *, literal_path: bool = False) -> str
         resource += "/"
     signed: list[tuple[str, str]] = []
     for pair in request.raw_query.split("&") if request.raw_query else ():
-        name, eq, value = pair.partition("=")
+        raw_name, eq, raw_value = pair.partition("=")
+        # Decoded as the request parser decodes them (`+` is a space), so what is signed
+        # is what the request means: `versio%6EId` is versionId, and signed as such.
+        name = _decode_query(raw_name)
         if name in SIGNED_SUBRESOURCES:
             # `?uploads` and `?uploads=` are signed as sent: with and without the `=`.
-            signed.append((name, eq + unquote(value) if eq else ""))
+            signed.append((name, eq + _decode_query(raw_value) if eq else ""))
     if signed:
         signed.sort(key=lambda item: item[0])  # by name only; equal names keep their order
         resource += "?" + "&".join(name + value for name, value in signed)
     return resource
+
+
+def _decode_query(raw: str) -> str:
+    return unquote(raw.replace("+", " "), errors="replace")
 
 
 def canonical_amz_headers(headers: CIMultiDictProxy[str], query_amz: list[tuple[str, str]]) -> str:
@@ -185,6 +191,12 @@ def verify_header(request: S3Request, header: str, keys: Mapping[str, str], now:
                   max_skew: float, invalid_key: Callable[[str], S3Error]) -> str:
     """The access key that signed `Authorization: AWS key:signature`; S3Error otherwise."""
     access_key, signature = parse_authorization(header)
+    unsigned = sorted({name for name, _ in _query_pairs(request) if name.lower().startswith("x-amz-")})
+    if unsigned:
+        # A header-signed V2 request signs its headers, not such parameters: anyone on the
+        # path could add them, and an upstream may read them as headers.
+        raise S3Error("AccessDenied", "There were headers present in the request which were not signed", 403,
+                      extra={"HeadersNotSigned": ", ".join(unsigned)})
     when, sent_as, date_line = request_time(request.headers)
     secret = keys.get(access_key)
     if secret is None:
@@ -199,9 +211,16 @@ def verify_header(request: S3Request, header: str, keys: Mapping[str, str], now:
     return access_key
 
 
+def _query_pairs(request: S3Request) -> list[tuple[str, str]]:
+    return [(_decode_query(n), _decode_query(v)) for n, _, v in
+            (pair.partition("=") for pair in request.raw_query.split("&") if pair)]
+
+
 def verify_query(request: S3Request, params: list[tuple[str, str]], keys: Mapping[str, str], now: float,
-                 invalid_key: Callable[[str], S3Error]) -> str:
-    """The access key of a presigned URL (`params`: the query, decoded, in order)."""
+                 invalid_key: Callable[[str], S3Error]) -> tuple[str, tuple[tuple[str, str], ...]]:
+    """(access key, signed x-amz-* "headers") of a presigned URL (`params`: the query,
+    decoded, in order). The URL carries its x-amz-* headers as parameters, signed: the
+    caller applies them as the headers they are."""
     auth: dict[str, str] = {}
     query_amz: list[tuple[str, str]] = []
     query_standard: dict[str, str] = {}
@@ -230,4 +249,5 @@ def verify_query(request: S3Request, params: list[tuple[str, str]], keys: Mappin
                       extra={"Expires": _iso8601(expires), "ServerTime": _iso8601(now)})
     check_signature(request, access_key, secret, auth["Signature"],
                     lambda **how: string_to_sign(request, expires_text, query_amz, query_standard, **how))
-    return access_key
+    # The session token authenticated the URL's signer to S3: it is for Sprox, never a header.
+    return access_key, tuple((n, v) for n, v in query_amz if n != "x-amz-security-token")

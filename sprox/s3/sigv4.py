@@ -115,6 +115,8 @@ class VerifiedRequest:
     presigned: bool
     signing_key: bytes = field(repr=False)  # empty for SigV2
     version: int = 4  # the signature version: 4, or 2 (which cannot sign a stream's chunks)
+    # A SigV2 presigned URL's signed x-amz-* parameters, which are headers to S3.
+    query_headers: tuple[tuple[str, str], ...] = ()
 
 
 class ChunkSignatures:
@@ -413,9 +415,9 @@ class SignatureVerifier:
         if query_auth:
             return self._verify_presigned(request, query)
         if v2_query_auth:
-            access_key = sigv2.verify_query(request, [(p.name, p.value) for p in query], self._keys,
-                                            self._clock(), _invalid_access_key)
-            return _verified_v2(access_key, presigned=True)
+            access_key, query_headers = sigv2.verify_query(request, [(p.name, p.value) for p in query],
+                                                           self._keys, self._clock(), _invalid_access_key)
+            return _verified_v2(access_key, presigned=True, query_headers=query_headers)
         raise errors.access_denied()
 
     def signing_key(self, access_key: str, date: str, region: str, service: str = SERVICE) -> bytes:
@@ -597,6 +599,7 @@ class SignatureVerifier:
             signing_key=signing_key)
 
 
-def _verified_v2(access_key: str, *, presigned: bool) -> VerifiedRequest:
+def _verified_v2(access_key: str, *, presigned: bool,
+                 query_headers: tuple[tuple[str, str], ...] = ()) -> VerifiedRequest:
     return VerifiedRequest(access_key=access_key, region="", timestamp="", scope="", signature="",
-                           presigned=presigned, signing_key=b"", version=2)
+                           presigned=presigned, signing_key=b"", version=2, query_headers=query_headers)

@@ -286,7 +286,8 @@ def _prepare_body(body: RequestBody, client_headers, headers: CIMultiDict[str]) 
     headers.popall("x-amz-decoded-content-length", None)
     headers.popall("x-amz-trailer", None)
     algorithm = body.checksum_algorithm
-    if body.has_trailer and algorithm is not None and checksums.header_name(algorithm) not in client_headers:
+    if body.has_trailer and body.verifies_checksum and algorithm is not None \
+            and checksums.header_name(algorithm) not in client_headers:
         trailer = checksums.header_name(algorithm)
         # No "aws-chunked" in Content-Encoding: S3 (and MinIO, Ceph) know the framing
         # from x-amz-content-sha256, and SeaweedFS would store it as the object's

@@ -264,6 +264,22 @@ def test_checksums_are_kept_by_the_record_and_answered_like_s3(start_sprox, tmp_
     assert upstream.count("HEAD") == 0
 
 
+def test_a_failing_origin_does_not_refuse_fresh_bytes_for_want_of_checksums(start_sprox, tmp_path, upstream):
+    """A fresh record made from a range does not know the checksums; when the HEAD that
+    would learn them fails, the cached bytes are still served (without checksums)."""
+    data = object_bytes("nosums", SIZE)
+    upstream.put("bkt", "n", data, checksums={"x-amz-checksum-crc32": "AAAAAA=="})
+    proc = start(start_sprox, tmp_path, upstream, "--ttl", "3600")
+    for first in range(0, SIZE, BLOCK):  # every block, by ranges: the record has no checksums
+        assert get(proc, "n", f"bytes={first}-{min(first + BLOCK, SIZE) - 1}")[0] == 206
+    upstream.failing["HEAD"] = 503
+    status, headers, body = get(proc, "n", **{"x-amz-checksum-mode": "ENABLED"})
+    assert status == 200 and body == data and "x-amz-checksum-crc32" not in headers
+    del upstream.failing["HEAD"]
+    status, headers, body = get(proc, "n", **{"x-amz-checksum-mode": "ENABLED"})
+    assert status == 200 and headers["x-amz-checksum-crc32"] == "AAAAAA=="
+
+
 def test_a_damaged_block_file_is_a_miss_never_wrong_bytes(start_sprox, tmp_path, upstream):
     proc = start(start_sprox, tmp_path, upstream, "--ttl", "3600")
     upstream.put("bkt", "d", object_bytes("d", SIZE))

@@ -51,18 +51,21 @@ class LaneSprox:
             return json.load(response)
 
 
-@pytest.fixture(scope="module", params=["compiled", "twin"])
+@pytest.fixture(scope="module", params=["compiled", "twin", "compiled-asyncio", "twin-asyncio"])
 def lane(request, _module_sprox, tmp_path_factory) -> LaneSprox:
-    """Sprox over a local directory, with a cache and SigV4, warm with both objects."""
+    """Sprox over a local directory, with a cache and SigV4, warm with both objects; the
+    compiled lane and its twin, each on uvloop (the default) and on the standard loop."""
     base = tmp_path_factory.mktemp(f"lane-{request.param}")
     origin = base / "origin"
     (origin / BUCKET / "lane").mkdir(parents=True)
     (origin / BUCKET / "lane" / "small").write_bytes(SMALL)
     (origin / BUCKET / "lane" / "large").write_bytes(LARGE)
-    env = {"SPROX_NO_EXTENSIONS": "1"} if request.param == "twin" else None
+    env = {"SPROX_NO_EXTENSIONS": "1"} if request.param.startswith("twin") else None
+    loop = "asyncio" if request.param.endswith("-asyncio") else "uvloop"
     proc = _module_sprox(base, "--origin-dir", str(origin), "--cache-dir", str(base / "cache"),
                          "--block-size", "1MiB", "--access-key", TEST_ACCESS_KEY, "--secret-key", TEST_SECRET_KEY,
-                         env=env)
+                         "--event-loop", loop, env=env)
+    proc.wait_for_line(lambda line: line.strip() == f"event loop: {loop}")
     sprox = LaneSprox(proc, origin)
     for key, data in (("lane/small", SMALL), ("lane/large", LARGE)):
         with Client(sprox.port) as client:

@@ -25,11 +25,32 @@ async def consume(body: RequestBody) -> bytes:
 
 def test_a_declared_length_over_five_gib_is_refused_before_reading() -> None:
     headers = CIMultiDict({"Content-Length": str(MAX_UPLOAD_BYTES + 1)})
+    body = RequestBody.from_headers(None, headers)
     with pytest.raises(S3Error) as caught:
-        RequestBody.from_headers(None, headers)
+        body.check_declared_size()  # (the front end calls it once the request is authenticated)
     assert (caught.value.code, caught.value.status) == ("EntityTooLarge", 400)
     assert caught.value.extra == {"ProposedSize": str(MAX_UPLOAD_BYTES + 1), "MaxSizeAllowed": str(MAX_UPLOAD_BYTES)}
-    RequestBody.from_headers(None, CIMultiDict({"Content-Length": str(MAX_UPLOAD_BYTES)}))  # the limit itself
+    RequestBody.from_headers(None, CIMultiDict({"Content-Length": str(MAX_UPLOAD_BYTES)})).check_declared_size()
+
+
+def test_an_aws_chunked_body_longer_than_declared_fails_before_handing_on_the_extra() -> None:
+    """Declared 10 bytes, sent 15 then 5: nothing past the declared length is handed on,
+    so an upstream framed by that length never sees a whole (truncated) body."""
+    framed = b"f\r\n" + b"a" * 15 + b"\r\n5\r\n" + b"b" * 5 + b"\r\n0\r\n\r\n"
+    headers = CIMultiDict({"Content-Encoding": "aws-chunked", "x-amz-decoded-content-length": "10",
+                           "x-amz-content-sha256": "STREAMING-UNSIGNED-PAYLOAD-TRAILER",
+                           "Content-Length": str(len(framed))})
+
+    async def run() -> list[bytes]:
+        body = RequestBody.from_headers(reader_of(framed), headers)
+        got: list[bytes] = []
+        with pytest.raises(S3Error) as caught:
+            async for piece in body.decoded():
+                got.append(piece)
+        assert caught.value.code == "IncompleteBody"
+        return got
+
+    assert sum(len(p) for p in asyncio.run(run())) <= 10
 
 
 def test_a_chunked_body_without_length_is_cut_off_past_the_limit() -> None:

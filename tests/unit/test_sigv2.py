@@ -269,3 +269,62 @@ def test_a_path_style_bucket_resource_is_signed_with_its_slash_or_without() -> N
     assert verifier().verify(wire(signed)) == ACCESS_KEY
     literal = header_signed("GET", ENDPOINT + "/bucket?prefix=a")
     assert verifier().verify(wire(literal)) == ACCESS_KEY
+
+
+# --- what a V2 signature does not cover cannot change what the request does ---------------
+
+
+def _with_extra_query(request: S3Request, extra: str, method: str | None = None) -> S3Request:
+    target = f"{request.raw_path}?{request.raw_query}&{extra}" if request.raw_query else f"{request.raw_path}?{extra}"
+    return parse_request(method or request.method, target, request.headers)
+
+
+@pytest.mark.parametrize("extra", ["versio%6EId=OLD", "%61cl", "response-content-typ%65=text/html",
+                                   "partNumbe%72=2", "versionId=OLD", "uploadId=x"])
+def test_a_sub_resource_added_to_a_presigned_url_in_any_spelling_breaks_it(extra: str) -> None:
+    request = wire(presigned("GET", ENDPOINT + "/bucket/key"), url_only=True)
+    assert verifier().verify(request) == ACCESS_KEY
+    expect_error(_with_extra_query(request, extra), "SignatureDoesNotMatch", 403)
+
+
+@pytest.mark.parametrize(("method", "path", "extra", "operation"), [
+    ("PUT", "/bucket/key", "retention", "PutObjectRetention"),
+    ("PUT", "/bucket/key", "legal-hold", "PutObjectLegalHold"),
+    ("DELETE", "/bucket", "encryption", "DeleteBucketEncryption"),
+    ("PUT", "/bucket", "publicAccessBlock", "PutBucketPublicAccessBlock"),
+    ("GET", "/bucket/key", "attributes", "GetObjectAttributes"),
+])
+def test_every_parameter_that_picks_the_operation_is_signed(method: str, path: str, extra: str,
+                                                           operation: str) -> None:
+    """Sub-resources SDKs leave out of SigV2 still select an operation here: signed too,
+    so a presigned PUT cannot become a PutObjectRetention."""
+    request = wire(presigned(method, ENDPOINT + path), url_only=True)
+    changed = _with_extra_query(request, extra)
+    assert changed.operation == operation
+    expect_error(changed, "SignatureDoesNotMatch", 403)
+
+
+def test_a_signed_value_cannot_be_respelled_into_another() -> None:
+    """`+` is a space to the request parser: `a%2Bb` signed cannot become `a+b`."""
+    request = wire(header_signed("GET", ENDPOINT + "/bucket/key?versionId=a%2Bb", auth_path="/bucket/key"))
+    assert verifier().verify(request) == ACCESS_KEY
+    respelled = parse_request("GET", "/bucket/key?versionId=a+b", request.headers)
+    assert respelled.query["versionId"] == "a b"
+    expect_error(respelled, "SignatureDoesNotMatch", 403)
+
+
+def test_amz_parameters_of_a_header_signed_request_are_refused() -> None:
+    request = wire(header_signed("PUT", ENDPOINT + "/bucket/key"))
+    error = expect_error(_with_extra_query(request, "x-amz-acl=public-read"), "AccessDenied", 403)
+    assert error.extra["HeadersNotSigned"] == "x-amz-acl"
+
+
+def test_a_presigned_urls_amz_parameters_are_its_headers() -> None:
+    """botocore moves a presigned URL's x-amz-* headers into its query: they are signed,
+    and handed back as headers (the session token stays Sprox's own)."""
+    headers = {"x-amz-acl": "private", "x-amz-meta-colour": "blue"}
+    request = wire(presigned("PUT", ENDPOINT + "/bucket/key", headers=headers, token="tok"), url_only=True)
+    verified = verifier().authenticate(request)
+    assert dict(verified.query_headers) == headers
+    tampered = parse_request("PUT", f"{request.raw_path}?{request.raw_query.replace('blue', 'red')}", request.headers)
+    expect_error(tampered, "SignatureDoesNotMatch", 403)
