@@ -51,17 +51,17 @@ class LaneSprox:
             return json.load(response)
 
 
-@pytest.fixture(scope="module", params=["compiled", "twin", "compiled-asyncio", "twin-asyncio"])
+@pytest.fixture(scope="module", params=["compiled", "twin", "compiled-uvloop", "twin-uvloop"])
 def lane(request, _module_sprox, tmp_path_factory) -> LaneSprox:
     """Sprox over a local directory, with a cache and SigV4, warm with both objects; the
-    compiled lane and its twin, each on uvloop (the default) and on the standard loop."""
+    compiled lane and its twin, each on the standard loop (the default) and on uvloop."""
     base = tmp_path_factory.mktemp(f"lane-{request.param}")
     origin = base / "origin"
     (origin / BUCKET / "lane").mkdir(parents=True)
     (origin / BUCKET / "lane" / "small").write_bytes(SMALL)
     (origin / BUCKET / "lane" / "large").write_bytes(LARGE)
     env = {"SPROX_NO_EXTENSIONS": "1"} if request.param.startswith("twin") else None
-    loop = "asyncio" if request.param.endswith("-asyncio") else "uvloop"
+    loop = "uvloop" if request.param.endswith("-uvloop") else "asyncio"
     proc = _module_sprox(base, "--origin-dir", str(origin), "--cache-dir", str(base / "cache"),
                          "--block-size", "1MiB", "--access-key", TEST_ACCESS_KEY, "--secret-key", TEST_SECRET_KEY,
                          "--event-loop", loop, env=env)

@@ -1,4 +1,4 @@
-"""--event-loop: uvloop when it imports (auto), the standard loop on request or without it."""
+"""--event-loop: the standard loop by default, uvloop on request."""
 
 from __future__ import annotations
 
@@ -11,27 +11,25 @@ from sprox.config import Config, ConfigError
 from sprox.eventloop import loop_factory
 
 
-def test_auto_is_uvloop_when_installed_and_asyncio_on_request() -> None:
-    uvloop = pytest.importorskip("uvloop")
-    make, name = loop_factory("auto")
-    assert (make, name) == (uvloop.new_event_loop, "uvloop")
-    loop = make()
-    try:
-        assert isinstance(loop, uvloop.Loop)
-    finally:
-        loop.close()
+def test_the_standard_loop_by_default_and_uvloop_on_request() -> None:
+    assert Config(origin_dir="/tmp").event_loop == "asyncio"
     make, name = loop_factory("asyncio")
-    assert name == "asyncio"
     loop = make()
     try:
-        assert isinstance(loop, asyncio.BaseEventLoop) and not isinstance(loop, uvloop.Loop)
+        assert name == "asyncio" and type(loop).__module__.startswith("asyncio")
+    finally:
+        loop.close()
+    uvloop = pytest.importorskip("uvloop")
+    make, name = loop_factory("uvloop")
+    loop = make()
+    try:
+        assert name == "uvloop" and isinstance(loop, uvloop.Loop)
     finally:
         loop.close()
 
 
-def test_without_uvloop_auto_falls_back_and_an_explicit_choice_is_an_error(monkeypatch) -> None:
+def test_uvloop_asked_for_but_missing_is_an_error(monkeypatch) -> None:
     monkeypatch.setitem(sys.modules, "uvloop", None)  # import uvloop now raises ImportError
-    assert loop_factory("auto")[1] == "asyncio"
     with pytest.raises(RuntimeError, match="uvloop is not installed"):
         loop_factory("uvloop")
 
