@@ -6,7 +6,7 @@ Build switches (environment variables):
 
 The io_uring module (`uring`) is built only where liburing is installed (found with
 pkg-config, else by its header); without it the rest still builds and Sprox uses the
-thread-pool twin. Where no extension can be compiled at all (no C compiler, an
+thread-pool twin. Likewise the signature check (`fastsig`) needs OpenSSL's libcrypto. Where no extension can be compiled at all (no C compiler, an
 unsupported platform), the build goes on without them and says what that costs: every
 module has a pure-Python twin.
 """
@@ -23,13 +23,15 @@ from setuptools.errors import CCompilerError
 
 NATIVE_MODULES = ["ranges", "lane"]
 LIBURING_HEADER = "/usr/include/liburing.h"
+OPENSSL_HEADER = "/usr/include/openssl/evp.h"
 
 
-def liburing():
-    """Extension arguments for linking liburing, or None when it is not installed."""
+def _pkg_config(package: str, library: str, header: str):
+    """Extension arguments for linking `package` (pkg-config, else its `header` in
+    /usr/include and -l`library`), or None when it is not installed."""
     try:
         found = subprocess.run(
-            ["pkg-config", "--cflags", "--libs", "liburing"],
+            ["pkg-config", "--cflags", "--libs", package],
             capture_output=True, text=True, check=False,
         )
     except OSError:  # no pkg-config
@@ -39,11 +41,21 @@ def liburing():
         return {
             "include_dirs": [f[2:] for f in flags if f.startswith("-I")],
             "library_dirs": [f[2:] for f in flags if f.startswith("-L")],
-            "libraries": [f[2:] for f in flags if f.startswith("-l")] or ["uring"],
+            "libraries": [f[2:] for f in flags if f.startswith("-l")] or [library],
         }
-    if os.path.exists(LIBURING_HEADER):
-        return {"libraries": ["uring"]}
+    if os.path.exists(header):
+        return {"libraries": [library]}
     return None
+
+
+def liburing():
+    """Extension arguments for linking liburing, or None when it is not installed."""
+    return _pkg_config("liburing", "uring", LIBURING_HEADER)
+
+
+def libcrypto():
+    """Extension arguments for linking OpenSSL's libcrypto, or None without it."""
+    return _pkg_config("libcrypto", "crypto", OPENSSL_HEADER)
 
 
 def extensions():
@@ -56,6 +68,16 @@ def extensions():
     macros = [("CYTHON_TRACE_NOGIL", "1")] if debug else [("NDEBUG", "1")]
     # name -> extra Extension arguments (libraries to link)
     modules = {name: {} for name in NATIVE_MODULES}
+    crypto = libcrypto()
+    if crypto is None:
+        print(
+            "setup.py: OpenSSL's libcrypto not found (pkg-config libcrypto, or "
+            f"{OPENSSL_HEADER}): skipping sprox._native.fastsig; its pure-Python twin "
+            "checks signatures instead (Debian: libssl-dev)",
+            file=sys.stderr,
+        )
+    else:
+        modules["fastsig"] = crypto
     uring = liburing()
     if uring is None:
         print(

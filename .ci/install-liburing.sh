@@ -4,6 +4,10 @@
 # 8) has no liburing-devel recent enough. auditwheel then copies liburing.so into the
 # wheel, so users need neither liburing nor its headers.
 set -euo pipefail
+# OpenSSL's libcrypto headers for sprox._native.fastsig (auditwheel bundles the library).
+if command -v dnf >/dev/null 2>&1; then
+    dnf install -y -q openssl-devel >/dev/null 2>&1 && echo "openssl-devel installed: $(rpm -q openssl-devel)"
+fi
 VERSION="${LIBURING_VERSION:-2.7}"
 # The distribution's package when it has one (AlmaLinux 8's AppStream may).
 if command -v dnf >/dev/null 2>&1 && dnf install -y -q liburing-devel >/dev/null 2>&1; then

@@ -55,6 +55,8 @@ class FrontEnd:
                  listings=None, access_log=None, key_rights: Mapping[str, rights.KeyRights] | None = None) -> None:
         self.origin = origin
         self.verifier = verifier
+        # The fast lane's signature check for the common request (sprox/fastsig.py).
+        self.fast_signatures = verifier.fast_check() if verifier is not None else None
         # What each key the verifier knows may do (config.Config.key_rights). Every key
         # the verifier accepts must be here: a key missing is an error, never a pass.
         self.key_rights = key_rights or {}
@@ -172,11 +174,17 @@ class FrontEnd:
             if request.operation not in OBJECT_READS or cache.bypass_reason(request) is not None:
                 return None
             if self.verifier is not None:
-                verified = self.verifier.authenticate(request)
-                if verified.query_headers:
-                    return None  # the general path applies them (SSE-C, say, changes everything)
-                request.access_key = verified.access_key
-                rights.check(self.key_rights[request.access_key], request)
+                # The common request (SigV4 in the header, no query) is checked in C;
+                # anything else, and any signature that fails there, by the full verifier.
+                access_key = self.fast_signatures.verify(request.method, request.raw_path, request.raw_query,
+                                                         headers)
+                if access_key is None:
+                    verified = self.verifier.authenticate(request)
+                    if verified.query_headers:
+                        return None  # the general path applies them (SSE-C, say, changes everything)
+                    access_key = verified.access_key
+                request.access_key = access_key
+                rights.check(self.key_rights[access_key], request)
         except errors.S3Error:
             return None
         plan = cache.plan_hit(request)
