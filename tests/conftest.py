@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 from tests.servers import (
     TEST_ACCESS_KEY,
@@ -27,6 +28,13 @@ from tests.servers import (
 )
 
 _SEAWEED_FIXTURES = {"seaweed_server", "sprox_seaweed"}
+
+# Property tests search the same examples on every run (derandomize), never fail on how
+# long one example took on a loaded machine (no deadline), and keep no database of past
+# failures between runs: the suite passes or fails the same way every time. A failing
+# example is printed, to be kept as an explicit @example.
+settings.register_profile("sprox", derandomize=True, deadline=None, database=None, print_blob=True)
+settings.load_profile("sprox")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

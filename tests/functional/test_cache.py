@@ -163,21 +163,23 @@ def test_overwrite_through_sprox_is_seen_at_once(start_sprox, tmp_path, upstream
 
 
 def test_overwrite_behind_sprox_is_seen_after_the_ttl(start_sprox, tmp_path, upstream):
-    ttl = 1.0
+    ttl = 3.0
     proc = start(start_sprox, tmp_path, upstream, "--ttl", str(ttl))
     upstream.put("bkt", "b", object_bytes("old", SIZE))
+    learned_from = time.monotonic()  # the record is validated at some moment after this
     assert check_bytes("old", 0, get(proc, "b")[2]) is None
-    changed_at = time.monotonic()
     upstream.put("bkt", "b", object_bytes("new", SIZE))
-    assert check_bytes("old", 0, get(proc, "b")[2]) is None  # inside the TTL: the cached version
-    deadline = changed_at + ttl + 10
+    body = get(proc, "b")[2]
+    if time.monotonic() < learned_from + ttl:  # surely inside the TTL (a loaded machine may not be)
+        assert check_bytes("old", 0, body) is None, "the cached version is trusted for --ttl"
+    deadline = learned_from + ttl + 10
     while True:
         body = get(proc, "b")[2]
         if check_bytes("new", 0, body) is None:
             break
         assert check_bytes("old", 0, body) is None, "a response mixed two versions"
         assert time.monotonic() < deadline, "the new version never appeared"
-    assert time.monotonic() - changed_at >= ttl * 0.9
+    assert time.monotonic() - learned_from >= ttl  # not before the record's TTL ran out
 
 
 def test_client_no_cache_forces_revalidation(start_sprox, tmp_path, upstream):

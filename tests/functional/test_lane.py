@@ -378,8 +378,8 @@ def test_an_upload_that_goes_quiet_is_answered_request_timeout_and_not_stored(tm
     (origin / "quiet").mkdir(parents=True)
     with run_in_thread(origin_dir=origin, cache_dir=tmp_path / "cache") as running:
         with socket.create_connection(("127.0.0.1", running.port), timeout=TIMEOUT) as sock:
+            started = time.monotonic()  # (before the send: the server may read it all before sendall returns)
             sock.sendall(b"PUT /quiet/half HTTP/1.1\r\nHost: x\r\nContent-Length: 1048576\r\n\r\n" + b"h" * 300_000)
-            started = time.monotonic()
             answer = b""
             while piece := sock.recv(65536):
                 answer += piece
@@ -388,7 +388,7 @@ def test_an_upload_that_goes_quiet_is_answered_request_timeout_and_not_stored(tm
             client.send(b"GET /quiet/half HTTP/1.1\r\nHost: x\r\n\r\n")
             read_back = client.response()
     assert answer.startswith(b"HTTP/1.1 400 ") and b"<Code>RequestTimeout</Code>" in answer, answer[:300]
-    assert 0.5 <= elapsed < 5
+    assert elapsed >= 0.5  # not before the body's quiet time ran out (the socket timeout bounds a hang)
     assert read_back.status == 404 and b"<Code>NoSuchKey</Code>" in read_back.body
     assert not (origin / "quiet" / "half").exists()
 
