@@ -35,7 +35,7 @@ SIGNING_KEY_CACHE_SIZE = 256
 # What SDKs send: `AWS4-HMAC-SHA256 Credential=AK/YYYYMMDD/region/s3/aws4_request,
 # SignedHeaders=a;b;c, Signature=<64 hex>`, with `,` or `, ` between the components.
 _AUTHORIZATION_HEAD = re.compile(
-    r"AWS4-HMAC-SHA256 Credential=([A-Za-z0-9]+)/([0-9]{8})/([a-z0-9-]+)/s3/aws4_request, ?"
+    r"AWS4-HMAC-SHA256 Credential=([A-Za-z0-9._~+-]+)/([0-9]{8})/([a-z0-9-]+)/s3/aws4_request, ?"
     r"SignedHeaders=([a-z0-9-]+(?:;[a-z0-9-]+)*), ?")
 _SIGNATURE = re.compile(r"[0-9a-f]{64}")
 _AMZ_DATE = re.compile(r"[0-9]{8}T[0-9]{6}Z")

@@ -112,6 +112,15 @@ def test_what_botocore_signs_is_accepted(fast, how) -> None:
     assert fast.verify(*request_) == ACCESS_KEY
 
 
+def test_access_keys_with_punctuation_are_accepted(fast) -> None:
+    """Keys of one's own (`[[keys]]`) are not always AWS-shaped."""
+    keys = {"analytics_ro-1.x": SECRET_KEY}
+    request = AWSRequest(method="GET", url="http://127.0.0.1:9000/bucket/key")
+    S3SigV4Auth(Credentials("analytics_ro-1.x", SECRET_KEY), "s3", "us-east-1").add_auth(request)
+    headers = CIMultiDictProxy(CIMultiDict([("Host", "127.0.0.1:9000"), *request.headers.items()]))
+    assert type(fast)(keys, lambda: NOW, 900.0).verify("GET", "/bucket/key", "", headers) == "analytics_ro-1.x"
+
+
 def test_declines(fast) -> None:
     base = signed(headers={"Range": "bytes=0-99"})
     method, path, query, headers = base
