@@ -64,6 +64,11 @@ cdef extern from *:
 DEF BUFFER_BYTES = 8192  # = MAX_CANONICAL_BYTES (checked at import, below)
 
 cdef const char *HEX = b"0123456789abcdef"
+# The twin's ALGORITHM_PREFIX and SCOPE_TAIL, as C constants (checked at import, below).
+cdef const char *ALGORITHM_LINE = b"AWS4-HMAC-SHA256\n"
+cdef Py_ssize_t ALGORITHM_LINE_BYTES = 17
+cdef const char *SCOPE_END = b"/s3/aws4_request\n"
+cdef Py_ssize_t SCOPE_END_BYTES = 17
 
 
 cdef inline void _hex(const unsigned char *digest, char *out) noexcept nogil:
@@ -267,10 +272,10 @@ cdef class FastSigV4:
         _hex(digest, hex_digest)
         # The string to sign, in the same buffer (the canonical request is hashed).
         at = 0
-        if not (self._append(&at, ALGORITHM_PREFIX, len(ALGORITHM_PREFIX)) and self._append_str(&at, timestamp)
+        if not (self._append(&at, ALGORITHM_LINE, ALGORITHM_LINE_BYTES) and self._append_str(&at, timestamp)
                 and self._append(&at, b"\n", 1) and self._append_str(&at, date)
                 and self._append(&at, b"/", 1) and self._append_str(&at, region)
-                and self._append(&at, SCOPE_TAIL, len(SCOPE_TAIL)) and self._append(&at, hex_digest, 64)):
+                and self._append(&at, SCOPE_END, SCOPE_END_BYTES) and self._append(&at, hex_digest, 64)):
             return None
         cdef bytes keyed = self._signing_key(secret, date, region)
         if keyed is None:
@@ -288,5 +293,6 @@ cdef class FastSigV4:
         return access_key
 
 
-if MAX_CANONICAL_BYTES != BUFFER_BYTES:  # pragma: no cover - a build-time slip
-    raise ImportError("sprox._native.fastsig: buffer size differs from the twin's MAX_CANONICAL_BYTES")
+if (MAX_CANONICAL_BYTES != BUFFER_BYTES or ALGORITHM_PREFIX != ALGORITHM_LINE[:ALGORITHM_LINE_BYTES]
+        or SCOPE_TAIL != SCOPE_END[:SCOPE_END_BYTES]):  # pragma: no cover - a slip between the two
+    raise ImportError("sprox._native.fastsig: its constants differ from its twin's")
