@@ -476,10 +476,15 @@ def test_virtual_hosted_requests(start_sprox, tmp_path):
 
 
 def test_unreachable_upstream_is_a_502(start_sprox, tmp_path):
-    from tests.servers import free_port
+    import socket
 
-    proc = start_sprox(tmp_path, "--upstream", f"http://127.0.0.1:{free_port()}", "--upstream-timeout", "5")
-    status, headers, body = raw(proc.endpoint, "GET", "/bucket/key")
+    # A port bound but never listened on refuses connections, and stays ours (no other
+    # process can start listening there) for as long as the test holds it.
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        port = held.getsockname()[1]
+        proc = start_sprox(tmp_path, "--upstream", f"http://127.0.0.1:{port}", "--upstream-timeout", "5")
+        status, headers, body = raw(proc.endpoint, "GET", "/bucket/key")
     assert status == 502 and error_code(body) == "BadGateway"
     assert headers["x-amz-request-id"]
 
