@@ -20,8 +20,6 @@ from sprox._native._fastsig_py import (
     MAX_CANONICAL_BYTES,
     SCOPE_TAIL,
     fields_of,
-    plain_value,
-    unsigned_amz_headers,
 )
 
 __all__ = ["FastSigV4"]
@@ -160,6 +158,35 @@ cdef void _hmac_once(const unsigned char *key, size_t key_len, const void *data,
     _hmac(&keyed, data, length, mac)
 
 
+cdef const char *AMZ_PREFIX = b"x-amz-"
+
+
+cdef bint _unsigned_amz_headers(object headers, tuple signed) except -1:
+    """The twin's unsigned_amz_headers: an x-amz-* header the signature does not cover.
+    The prefix is compared in C; only such headers cost a lower() and a lookup."""
+    cdef object name  # multidict's istr: a str subclass
+    cdef const char *chars
+    cdef Py_ssize_t n, i
+    cdef bint amz
+    for name in headers:
+        if not isinstance(name, str):
+            return True  # not a header set this module knows: decline
+        if sprox_sig_ascii(name, &chars, &n):
+            amz = n >= 6
+            i = 0
+            while amz and i < 6:
+                amz = (chars[i] | 32 if c'A' <= chars[i] <= c'Z' else chars[i]) == AMZ_PREFIX[i]
+                i += 1
+            if not amz:
+                continue
+        elif name[:6].lower() != "x-amz-":
+            continue
+        lower = name.lower()
+        if lower != CONTENT_SHA256 and lower not in signed:
+            return True
+    return False
+
+
 cdef class FastSigV4:
     """`FastSigV4(keys, clock, max_skew_seconds)`; `verify(method, raw_path, raw_query,
     headers)` -> the access key, or None: not this module's case, or not a valid
@@ -183,6 +210,26 @@ cdef class FastSigV4:
         memcpy(self._buffer + at[0], data, n)
         at[0] += n
         return True
+
+    cdef bint _append_plain(self, Py_ssize_t *at, object value) except -1:
+        """Append the twin's plain_value(value); False for what it refuses (non-ASCII,
+        a tab, a run of spaces inside) or when the buffer is full."""
+        cdef const char *chars
+        cdef Py_ssize_t n, i, start = 0, end
+        if not isinstance(value, str) or not sprox_sig_ascii(value, &chars, &n):
+            return False
+        for i in range(n):
+            if chars[i] == c'\t':
+                return False
+        end = n
+        while start < end and chars[start] == c' ':
+            start += 1
+        while end > start and chars[end - 1] == c' ':
+            end -= 1
+        for i in range(start, end - 1):
+            if chars[i] == c' ' and chars[i + 1] == c' ':
+                return False
+        return self._append(at, chars + start, end - start)
 
     cdef bint _append_str(self, Py_ssize_t *at, str text) except -1:
         cdef const char *chars
@@ -241,7 +288,7 @@ cdef class FastSigV4:
         if when < 0 or abs(<double>when - <double>self._clock()) > self._max_skew:
             return None
         secret = self._keys.get(access_key)
-        if secret is None or unsigned_amz_headers(headers, signed_names):
+        if secret is None or _unsigned_amz_headers(headers, signed_names):
             return None
 
         cdef Py_ssize_t at = 0
@@ -253,11 +300,8 @@ cdef class FastSigV4:
             values = headers.getall(name, ())
             if len(values) != 1:
                 return None
-            value = plain_value(values[0])
-            if value is None:
-                return None
             if not (self._append_str(&at, name) and self._append(&at, b":", 1)
-                    and self._append_str(&at, value) and self._append(&at, b"\n", 1)):
+                    and self._append_plain(&at, values[0]) and self._append(&at, b"\n", 1)):
                 return None
         if not (self._append(&at, b"\n", 1) and self._append_str(&at, ";".join(signed_names))
                 and self._append(&at, b"\n", 1) and self._append_str(&at, hashes[0])):
