@@ -325,12 +325,11 @@ class ObjectCache:
                 end = "" if open_ended else str((last // bs + 1) * bs - 1)
                 headers["Range"] = f"bytes={first_block * bs}-{end}"
         request.stats.upstream_requests += 1
-        origin_request = self._origin_request(request, "GET", headers, ask_checksums="Range" not in headers)
-        response = await self.origin.send(origin_request)
+        whole = "Range" not in headers  # a GET of the whole object asks for its checksums
+        response = await self.origin.send(self._origin_request(request, "GET", headers, ask_checksums=whole))
         if response.status not in (200, 206):
             return self._as_passthrough(response)
-        record = self._install(request, response.status, response.headers, generation,
-                               asked_checksums=CHECKSUM_MODE in origin_request.headers)
+        record = self._install(request, response.status, response.headers, generation, asked_checksums=whole)
         if record is None:
             await response.close()
             return await self._passthrough(request)

@@ -48,11 +48,8 @@ QUERY_PARAMS = ("AWSAccessKeyId", "Signature", "Expires")
 # be signed, or a presigned GET could be turned into, say, a PutObjectRetention. (A
 # client that signs a newer sub-resource without it fails closed: SignatureDoesNotMatch.)
 SIGNED_SUBRESOURCES = OPERATION_PARAMS | frozenset({
-    "accelerate", "acl", "analytics", "cors", "defaultObjectAcl", "delete", "inventory",
-    "lifecycle", "location", "logging", "metrics", "notification", "object-lock", "policy",
-    "replication", "requestPayment", "restore", "select", "select-type", "storageClass",
-    "tagging", "torrent", "versioning", "versions", "website",
-    "partNumber", "uploadId", "uploads", "versionId",
+    # S3's sub-resources that no operation here is chosen by, and the response-* overrides
+    "defaultObjectAcl", "select-type", "storageClass",
     "response-cache-control", "response-content-disposition", "response-content-encoding",
     "response-content-language", "response-content-type", "response-expires",
 })
@@ -187,11 +184,12 @@ def check_signature(request: S3Request, access_key: str, secret: str, provided: 
                    "StringToSignBytes": " ".join(f"{b:02x}" for b in shown.encode("utf-8", "replace"))})
 
 
-def verify_header(request: S3Request, header: str, keys: Mapping[str, str], now: float,
-                  max_skew: float, invalid_key: Callable[[str], S3Error]) -> str:
-    """The access key that signed `Authorization: AWS key:signature`; S3Error otherwise."""
+def verify_header(request: S3Request, header: str, params: list[tuple[str, str]], keys: Mapping[str, str],
+                  now: float, max_skew: float, invalid_key: Callable[[str], S3Error]) -> str:
+    """The access key that signed `Authorization: AWS key:signature` (`params`: the
+    query, decoded, in order); S3Error otherwise."""
     access_key, signature = parse_authorization(header)
-    unsigned = sorted({name for name, _ in _query_pairs(request) if name.lower().startswith("x-amz-")})
+    unsigned = sorted({name for name, _ in params if name.lower().startswith("x-amz-")})
     if unsigned:
         # A header-signed V2 request signs its headers, not such parameters: anyone on the
         # path could add them, and an upstream may read them as headers.
@@ -209,11 +207,6 @@ def verify_header(request: S3Request, header: str, keys: Mapping[str, str], now:
     check_signature(request, access_key, secret, signature,
                     lambda **how: string_to_sign(request, date_line, **how))
     return access_key
-
-
-def _query_pairs(request: S3Request) -> list[tuple[str, str]]:
-    return [(_decode_query(n), _decode_query(v)) for n, _, v in
-            (pair.partition("=") for pair in request.raw_query.split("&") if pair)]
 
 
 def verify_query(request: S3Request, params: list[tuple[str, str]], keys: Mapping[str, str], now: float,

@@ -414,8 +414,8 @@ class SignatureVerifier:
         if len(authorization) > 1:
             raise _header_malformed("only one Authorization header is allowed.")
         if authorization and authorization[0].lstrip().startswith(sigv2.ALGORITHM + " "):
-            access_key = sigv2.verify_header(request, authorization[0], self._keys, self._clock(),
-                                             self._max_skew, _invalid_access_key)
+            access_key = sigv2.verify_header(request, authorization[0], [(p.name, p.value) for p in query],
+                                             self._keys, self._clock(), self._max_skew, _invalid_access_key)
             return _verified_v2(access_key, presigned=False)
         if authorization:
             return self._verify_header(request, authorization[0], query)

@@ -262,7 +262,6 @@ def response_headers(upstream_headers) -> CIMultiDict[str]:
 
 def _prepare_body(body: RequestBody, client_headers, headers: CIMultiDict[str]) -> tuple[AsyncIterator[bytes], str]:
     """Choose how the body travels upstream; returns (byte stream, payload hash)."""
-    client_hash = client_headers.get("x-amz-content-sha256", "")
     if not body.aws_chunked:
         if body.raw_length is not None:
             headers["Content-Length"] = str(body.raw_length)
@@ -273,8 +272,7 @@ def _prepare_body(body: RequestBody, client_headers, headers: CIMultiDict[str]) 
         # sent, with the declared SHA-256 and x-amz-checksum-* checked on the way (the
         # last piece held back until they match): whatever the upstream checks, a
         # corrupt upload does not complete.
-        is_hash = len(client_hash) == 64 and all(c in "0123456789abcdef" for c in client_hash)
-        return body.decoded(), client_hash if is_hash else UNSIGNED_PAYLOAD
+        return body.decoded(), body.payload_sha256 or UNSIGNED_PAYLOAD
     # aws-chunked: signed chunks are bound to the client's key for Sprox, so Sprox
     # unwraps the framing and verifies any declared checksum itself while streaming
     # (decoded() holds the last bytes back until it matches). A checksum in a header
