@@ -6,7 +6,8 @@ Build switches (environment variables):
 
 The io_uring module (`uring`) is built only where liburing is installed (found with
 pkg-config, else by its header); without it the rest still builds and Sprox uses the
-thread-pool twin. Likewise the signature check (`fastsig`) needs OpenSSL's libcrypto. Where no extension can be compiled at all (no C compiler, an
+thread-pool twin. Likewise the signature check (`fastsig`) and the hit kernel (`kernel`) need OpenSSL's
+libcrypto. Where no extension can be compiled at all (no C compiler, an
 unsupported platform), the build goes on without them and says what that costs: every
 module has a pure-Python twin.
 """
@@ -22,6 +23,7 @@ from setuptools.errors import BaseError as DistutilsError
 from setuptools.errors import CCompilerError
 
 NATIVE_MODULES = ["ranges", "lane"]
+CRYPTO_MODULES = ["fastsig", "kernel"]  # need libcrypto
 LIBURING_HEADER = "/usr/include/liburing.h"
 OPENSSL_HEADER = "/usr/include/openssl/evp.h"
 
@@ -72,12 +74,12 @@ def extensions():
     if crypto is None:
         print(
             "setup.py: OpenSSL's libcrypto not found (pkg-config libcrypto, or "
-            f"{OPENSSL_HEADER}): skipping sprox._native.fastsig; its pure-Python twin "
-            "checks signatures instead (Debian: libssl-dev)",
+            f"{OPENSSL_HEADER}): skipping sprox._native.fastsig and sprox._native.kernel; fastsig's pure-Python twin "
+            "checks signatures, and the Python lane answers every cache hit (Debian: libssl-dev)",
             file=sys.stderr,
         )
     else:
-        modules["fastsig"] = crypto
+        modules.update((name, crypto) for name in CRYPTO_MODULES)
     uring = liburing()
     if uring is None:
         print(

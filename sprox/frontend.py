@@ -24,7 +24,9 @@ from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy, MultiDict, MultiDictProxy
 
 from .analytics.accesslog import AccessRecord
+from .cache.mirror import HitMirror
 from .cache.service import OBJECT_WRITES, FileSpan, HitPlan
+from .kernel import make_kernel
 from .metrics import RequestMetrics
 from .s3 import errors, rights, xml
 from .s3.body import RequestBody
@@ -68,6 +70,10 @@ class FrontEnd:
         self.use_sendfile = os.environ.get("SPROX_NO_SENDFILE") != "1"
         self.fast_hits = 0  # answered by the fast lane (sprox/_native/_lane_py.py)
         self.metrics = RequestMetrics()  # /_sprox/metrics
+        # The hit kernel (sprox/_native/kernel.pyx) answers hits the Python lane has
+        # mirrored for it (sprox/cache/mirror.py); None without the extension.
+        self.kernel = make_kernel(verifier, domain) if cache is not None else None
+        self.mirror = HitMirror(self.kernel, cache) if self.kernel is not None else None
 
     async def handle(self, http: web.Request) -> web.StreamResponse:
         started_at, started = time.time(), time.monotonic()
@@ -200,7 +206,43 @@ class FrontEnd:
                 return None
         cache.commit_hit(plan, request)
         self.fast_hits += 1
+        if self.mirror is not None:
+            self.mirror.offer(plan, request.access_key)
         return FastHit(self, request, plan, headers, body, started_at, started)
+
+    def drain_kernel(self) -> None:
+        """Count and log the hits the kernel answered since the last drain (its ring of
+        fixed-size records): called by the lane shortly after a kernel hit, before
+        any admin answer, and at shutdown."""
+        kernel = self.kernel
+        if kernel is None or not kernel.ring_waiting:
+            return
+        drained = kernel.drain()
+        observe = self.metrics.observe
+        access_log = self.access_log
+        blocks = []
+        for (started_at, seconds, request_id, operation, bucket, key, range_, status, bytes_sent, user_agent,
+             access_key, first_byte, object_size, record_id, first_block, last_block) in drained:
+            observe(operation, status, "HIT", bytes_sent, 0, 0, seconds)
+            if access_log is not None:
+                access_log.record(AccessRecord(
+                    time=started_at, request_id=request_id, operation=operation, bucket=bucket, key=key,
+                    range=range_, status=status, bytes_sent=bytes_sent, cache="HIT", upstream_requests=0,
+                    upstream_bytes=0, latency_ms=seconds * 1000.0, user_agent=user_agent, access_key=access_key,
+                    first_byte=first_byte, object_size=object_size))
+            if last_block >= first_block:
+                blocks.append((record_id, first_block, last_block))
+        self.fast_hits += len(drained)
+        self.cache.note_kernel_hits(len(drained), blocks)
+
+    def kernel_rest(self, pending: tuple) -> KernelHitRest:
+        """What is left of a kernel answer the socket could not take at once."""
+        return KernelHitRest(self, pending)
+
+    def close_kernel(self) -> None:
+        """Give back what the kernel's mirror holds (block file descriptors)."""
+        if self.mirror is not None:
+            self.mirror.clear()
 
     def hit_sent(self, hit: FastHit, bytes_sent: int) -> None:
         """A fast-lane answer is finished (or its connection was lost)."""
@@ -443,8 +485,37 @@ class FastHit:
     started_at: float  # epoch seconds, for the access log
     started: float  # monotonic, for the latency
 
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+    @property
+    def fd(self) -> int:
+        return self.plan.fd
+
     def finished(self, bytes_sent: int) -> None:
         self.frontend.hit_sent(self, bytes_sent)
+
+
+class KernelHitRest:
+    """The rest of an answer the hit kernel began and the socket could not take at
+    once (kernel.PARTIAL): its blocks are pinned and its file held until it is sent."""
+
+    def __init__(self, frontend: FrontEnd, pending: tuple) -> None:
+        (self.head, record_id, self.offset, self.remaining, self.first_block, self.last_block,
+         self._log_state, self.length) = pending
+        self.frontend = frontend
+        self.request_id = "(kernel)"
+        held = frontend.cache.hold_blocks(record_id, self.first_block, self.last_block)
+        # (The record cannot be gone: this runs in the callback that planned the hit.)
+        self.record, self.fd = held if held is not None else (None, -1)
+        self.already_sent = self.length - self.remaining
+
+    def finished(self, bytes_sent: int) -> None:
+        if self.record is not None:
+            self.frontend.cache.release_blocks(self.record, self.first_block, self.last_block)
+            self.record = None
+        self.frontend.kernel.log_pending(self._log_state, bytes_sent)
 
 
 class _Served:

@@ -77,7 +77,8 @@ class RequestMetrics:
 
 
 def render(requests: RequestMetrics, cache=None, fast_lane_hits: int = 0, connections: int = 0,
-           refused_connections: int = 0) -> str:
+           refused_connections: int = 0, kernel_hits: int = 0, kernel_ring_full: int = 0,
+           kernel_partials: int = 0) -> str:
     """The exposition text. `cache` is the ObjectCache, or None with --no-cache."""
     out: list[str] = []
 
@@ -101,6 +102,13 @@ def render(requests: RequestMetrics, cache=None, fast_lane_hits: int = 0, connec
            [f"sprox_upstream_received_bytes_total {requests.upstream_bytes}"])
     metric("sprox_fast_lane_hits_total", "counter", "Cache hits answered by the fast lane.",
            [f"sprox_fast_lane_hits_total {fast_lane_hits}"])
+    metric("sprox_kernel_hits_total", "counter", "Of those, the hits the C hit kernel answered (no Python on the way).",
+           [f"sprox_kernel_hits_total {kernel_hits}"])
+    metric("sprox_kernel_partial_total", "counter", "Kernel hits the socket could not take at once: the rest was "
+           "sent by the Python lane.", [f"sprox_kernel_partial_total {kernel_partials}"])
+    metric("sprox_kernel_ring_full_total", "counter", "Hits the kernel left to the Python lane because its "
+           "access-log ring was full (the log writer fell behind).",
+           [f"sprox_kernel_ring_full_total {kernel_ring_full}"])
     metric("sprox_connections", "gauge", "Client connections being served.",
            [f"sprox_connections {connections}"])
     metric("sprox_connections_refused_total", "counter", "Connections answered 503 SlowDown and closed because "

@@ -35,16 +35,18 @@ ADMIN_PREFIX = "/_sprox/"
 # aiohttp's per-connection settings (no access log of its own: FrontEnd keeps one).
 HANDLER_ARGS = {"max_field_size": 16384, "max_line_size": 16384, "access_log": None}
 SHUTDOWN_SECONDS = 10.0
-# Descriptors besides one socket per client connection: upstream connections and block
-# files (each pool bounded at 256), the index, the log, the ring, lingering refusals.
-FD_RESERVE = 2048
+# Descriptors besides those of client connections: upstream connections and idle block
+# files (each pool bounded at 256), the hit kernel's mirror (sprox.cache.mirror, at most
+# 1024 block files), the index, the log, the ring, lingering refusals.
+FD_RESERVE = 3072
 
 
 def raise_open_file_limit(max_connections: int) -> int:
     """Raise the soft RLIMIT_NOFILE towards the hard limit when it is below what
-    `max_connections` needs (a socket each, and up to as many block files and upstream
-    sockets while answering, plus FD_RESERVE); never lowers it. Returns the soft limit."""
-    needed = 2 * max_connections + FD_RESERVE
+    `max_connections` needs (a socket each and the fast lane's duplicate of it, and up to
+    as many block files and upstream sockets while answering, plus FD_RESERVE); never
+    lowers it. Returns the soft limit."""
+    needed = 3 * max_connections + FD_RESERVE
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY or soft >= needed:
         return soft
@@ -160,14 +162,16 @@ class Sprox:
 
     def _add_admin_routes(self, app: web.Application, *, signed: bool = False) -> None:
         def route(handler, *, write: bool = False):
-            if not signed:
-                return handler
+            async def admin_handler(request: web.Request) -> web.StreamResponse:
+                if signed:
+                    refused = self._admin_refusal(request, write=write)
+                    if refused is not None:
+                        return refused
+                # The kernel's hits waiting in its ring are counted before any answer.
+                self.frontend.drain_kernel()
+                return await handler(request)
 
-            async def signed_handler(request: web.Request) -> web.StreamResponse:
-                refused = self._admin_refusal(request, write=write)
-                return refused if refused is not None else await handler(request)
-
-            return signed_handler
+            return admin_handler
 
         app.router.add_get(ADMIN_PREFIX + "health", route(self._health))
         app.router.add_post(ADMIN_PREFIX + "cache/purge", route(self._purge, write=True))
@@ -211,7 +215,11 @@ class Sprox:
     async def _metrics(self, request: web.Request) -> web.Response:
         """Prometheus text format (sprox/metrics.py)."""
         lanes = self._lanes
+        kernel = self.frontend.kernel
         text = metrics.render(self.frontend.metrics, self.cache, self.frontend.fast_hits,
+                              kernel_hits=kernel.hits if kernel is not None else 0,
+                              kernel_ring_full=kernel.ring_full if kernel is not None else 0,
+                              kernel_partials=kernel.partials if kernel is not None else 0,
                               connections=len(lanes.connections) if lanes is not None else 0,
                               refused_connections=lanes.refused_total if lanes is not None else 0)
         return web.Response(text=text, content_type="text/plain", headers={"X-Content-Type-Options": "nosniff"},
@@ -313,6 +321,8 @@ class Sprox:
         if self._admin_runner is not None:
             await self._admin_runner.cleanup()
             self._admin_runner = None
+        self.frontend.drain_kernel()  # the last hits the kernel logged
+        self.frontend.close_kernel()
         if self.cache is not None and self._lock_fd is not None:
             await self.cache.close()
         await self.access_log.close()

@@ -79,6 +79,10 @@ _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"  # aiohttp's interim answer: not th
 _TIMED_OUT = ("RequestTimeout", ("Your socket connection to the server was not read from or written to "
                                   "within the timeout period. Idle connections will be closed."), 400)
 _FRAMING = frozenset({b"content-length", b"transfer-encoding"})
+# What HitKernel.serve() did (sprox/_native/kernel.pyx; a test checks they agree).
+KERNEL_DECLINED, KERNEL_SENT, KERNEL_SENT_CLOSE, KERNEL_PARTIAL, KERNEL_FAILED, KERNEL_FAILED_FILE = range(6)
+# How soon after a kernel hit its ring is drained into the metrics and access log.
+KERNEL_DRAIN_SECONDS = 0.05
 
 
 class _Message:
@@ -129,9 +133,21 @@ class LaneServer:
         self._all_gone: asyncio.Future | None = None  # set when shutting down
         self._date = b""
         self._date_second = -1
+        self.kernel = getattr(frontend, "kernel", None)  # the hit kernel, if built
+        self.drain_scheduled = False
 
     def __call__(self) -> "Connection":
         return Connection(self)
+
+    def kernel_answered(self) -> None:
+        """The kernel logged a hit into its ring: drain it soon (once per batch)."""
+        if not self.drain_scheduled:
+            self.drain_scheduled = True
+            asyncio.get_running_loop().call_later(KERNEL_DRAIN_SECONDS, self._drain_kernel)
+
+    def _drain_kernel(self) -> None:
+        self.drain_scheduled = False
+        self.frontend.drain_kernel()
 
     def date_header(self) -> bytes:
         now = int(time.time())
@@ -211,7 +227,10 @@ class Connection(asyncio.Protocol):
             self._refuse()
             return
         sock = transport.get_extra_info("socket")
-        self.sock_fd = sock.fileno() if sock is not None else -1
+        # The fast lane writes to its own duplicate of the socket, closed when the
+        # connection is lost: never to the transport's descriptor, whose number the
+        # system may give to another file once the transport closes it.
+        self.sock_fd = os.dup(sock.fileno()) if sock is not None else -1
         server.connections.add(self)
         self.last_active = self.loop.time()
         self.timer = self.loop.call_later(HEAD_SECONDS, self._check_idle)
@@ -238,6 +257,9 @@ class Connection(asyncio.Protocol):
     def connection_lost(self, exc) -> None:
         self.closed = True
         self.server.forget(self)
+        if self.sock_fd >= 0:
+            os.close(self.sock_fd)
+            self.sock_fd = -1
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
@@ -274,6 +296,16 @@ class Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.closed or self.fatal is not None or (self.no_more and self.current is None):
             return
+        kernel = self.server.kernel
+        if kernel is not None and self.current is None and not self.queue and not self.busy \
+                and not self.inner_pending and self.sock_fd >= 0 and self.transport.get_write_buffer_size() == 0:
+            # Between requests, with nothing in flight: the kernel answers a hit whole,
+            # or declines having written nothing, and llhttp reads the same bytes.
+            done = kernel.serve(self.sock_fd, data, self.server.use_sendfile)
+            if done:
+                self.last_active = self.loop.time()
+                self._kernel_done(done)
+                return
         self.last_active = self.loop.time()
         current = self.current
         if current is not None and not current.fed and current.buffered is None:
@@ -300,6 +332,25 @@ class Connection(asyncio.Protocol):
             self.fatal = errors.S3Error("RequestHeaderSectionTooLarge",
                                         "Your request header section exceeds the maximum allowed size.", 400)
         self._pump()
+
+    def _kernel_done(self, done: int) -> None:
+        self.server.kernel_answered()
+        if done == KERNEL_SENT:
+            return
+        if done == KERNEL_SENT_CLOSE:
+            self.no_more = True
+            self.transport.close()
+        elif done == KERNEL_PARTIAL:
+            # The socket took part of it: the rest waits for it here, blocks pinned.
+            rest = self.frontend.kernel_rest(self.server.kernel.take_pending())
+            self.busy = True
+            task = self.loop.create_task(self._send_large(rest, rest.fd, rest.head, rest.offset, rest.remaining,
+                                                          rest.already_sent))
+            task.add_done_callback(self._large_sent)
+        else:
+            if done == KERNEL_FAILED_FILE:
+                log.warning("cached answer cut short: a block file is shorter than its index says")
+            self.abort()
 
     # -- llhttp callbacks ------------------------------------------------------------------------
 
@@ -467,13 +518,12 @@ class Connection(asyncio.Protocol):
                 return
             head = head[sent_head:]
         self.busy = True
-        task = self.loop.create_task(self._send_large(hit, head, offset + sent, length - sent, sent))
+        task = self.loop.create_task(self._send_large(hit, plan.fd, head, offset + sent, length - sent, sent))
         task.add_done_callback(self._large_sent)
 
-    async def _send_large(self, hit, head: bytes, offset: int, length: int, sent: int) -> None:
+    async def _send_large(self, hit, fd: int, head: bytes, offset: int, length: int, sent: int) -> None:
         """Send what is left of an answer (`head`, then `length` bytes of the block file
-        from `offset`; `sent` body bytes went already), waiting for the socket."""
-        fd = hit.plan.fd
+        `fd` from `offset`; `sent` body bytes went already), waiting for the socket."""
         try:
             await self._drain()
             if self.server.use_sendfile and self.sock_fd >= 0:
@@ -490,7 +540,7 @@ class Connection(asyncio.Protocol):
     def _cut_short(self, hit, exc: Exception) -> None:
         # The status line may be gone: cut the connection so a short body is an error.
         if not isinstance(exc, ConnectionError):
-            log.warning("cached answer %s cut short: %s", hit.request.request_id, exc)
+            log.warning("cached answer %s cut short: %s", hit.request_id, exc)
         if self.transport is not None:
             self.transport.abort()
 

@@ -13,7 +13,7 @@ import logging
 import queue
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from .records import ObjectRecord
@@ -59,6 +59,9 @@ class CacheIndex:
         self._thread: threading.Thread | None = None
         self._db: sqlite3.Connection | None = None
         self.write_errors = 0
+        # Called with (bucket, key) when the key's record is replaced, dropped or learns
+        # its checksums (the hit kernel's mirror forgets the key: sprox/cache/mirror.py).
+        self.on_key_change: Callable[[str, str], None] | None = None
 
     # -- lifecycle (blocking: call from a thread) -------------------------------------------
 
@@ -119,6 +122,8 @@ class CacheIndex:
     def put(self, record: ObjectRecord) -> ObjectRecord | None:
         """Make `record` the one for its key; returns the record it replaced."""
         old = self.by_key.get((record.bucket, record.key))
+        if self.on_key_change is not None:
+            self.on_key_change(record.bucket, record.key)
         if old is not None:
             self.by_id.pop(old.id, None)
         self._remember(record)
@@ -134,6 +139,8 @@ class CacheIndex:
         del self.by_id[record.id]
         if self.by_key.get((record.bucket, record.key)) is record:
             del self.by_key[(record.bucket, record.key)]
+            if self.on_key_change is not None:
+                self.on_key_change(record.bucket, record.key)
         self._queue.put(("drop", record.id))
         return True
 
@@ -157,6 +164,8 @@ class CacheIndex:
     def learned_checksums(self, record: ObjectRecord, checksums: tuple[tuple[str, str], ...]) -> None:
         """The origin told the object's checksums (a HEAD or full GET with checksum mode)."""
         record.learned_checksums(checksums)
+        if self.on_key_change is not None and self.by_key.get((record.bucket, record.key)) is record:
+            self.on_key_change(record.bucket, record.key)
         self._queue.put(("checksums", record.id, _checksums_to_json(checksums)))
 
     def _remember(self, record: ObjectRecord) -> None:

@@ -472,18 +472,11 @@ class ObjectCache:
             status, first, last, ranged = self._span(request, record, request.headers.get("Range"))
         except errors.S3Error:
             return None
+        rendered, with_checksums = self.hit_templates(record)
         if status == 200 and wants_checksums(request.headers):
-            if record.checksums is None:
+            if with_checksums is None:
                 return None  # the general path asks the origin for them
-            rendered = record.rendered_with_checksums
-            if rendered is None:
-                rendered = record.rendered_with_checksums = _render(_record_headers(record).items(),
-                                                                    record.checksums)
-        else:
-            rendered = record.rendered
-            if rendered is None:
-                # Rendered once per record: a hit then costs no header dictionary at all.
-                rendered = record.rendered = _render(_record_headers(record).items())
+            rendered = with_checksums
         length = last - first + 1
         if request.method == "HEAD" or length == 0:
             return HitPlan(status, rendered, ranged, length, record, -1, first, ())
@@ -494,6 +487,40 @@ class ObjectCache:
                 return None
         blocks = tuple((record.id, i) for i in range(first_block, last_block + 1))
         return HitPlan(status, rendered, ranged, length, record, self.files.acquire(record), first, blocks)
+
+    @staticmethod
+    def hit_templates(record: ObjectRecord) -> tuple[bytes, bytes | None]:
+        """The record's response headers rendered (`name: value\r\n` each), without and
+        with its checksum headers (None while they are not known). Rendered once per
+        record: a hit then costs no header dictionary at all."""
+        if record.rendered is None:
+            record.rendered = _render(_record_headers(record).items())
+        if record.checksums is not None and record.rendered_with_checksums is None:
+            record.rendered_with_checksums = _render(_record_headers(record).items(), record.checksums)
+        return record.rendered, record.rendered_with_checksums if record.checksums is not None else None
+
+    def note_kernel_hits(self, hits: int, blocks: list[tuple[int, int, int]]) -> None:
+        """Hits the kernel answered (drained from its ring): count them, and tell the
+        eviction policy which blocks were read ((record id, first, last block) each)."""
+        self.stats.hits += hits
+        policy_hit = self.policy.hit
+        for record_id, first, last in blocks:
+            for i in range(first, last + 1):
+                policy_hit((record_id, i))
+
+    def hold_blocks(self, record_id: int, first_block: int, last_block: int) -> tuple[ObjectRecord, int] | None:
+        """Keep a record's blocks from eviction, and its file open, while an answer the
+        kernel began is finished by the Python lane: (record, descriptor), or None if
+        the record is gone. Give them back with `release_blocks`."""
+        record = self.index.by_id.get(record_id)
+        if record is None:
+            return None
+        self._pin([(record_id, i) for i in range(first_block, last_block + 1)])
+        return record, self.files.acquire(record)
+
+    def release_blocks(self, record: ObjectRecord, first_block: int, last_block: int) -> None:
+        self._unpin([(record.id, i) for i in range(first_block, last_block + 1)])
+        self.files.release(record)
 
     def commit_hit(self, plan: HitPlan, request: S3Request) -> None:
         """The plan is being sent: count it, and keep its blocks from eviction."""

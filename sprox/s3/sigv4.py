@@ -398,6 +398,14 @@ class SignatureVerifier:
 
         return FastSigV4(self._keys, self._clock, float(self._max_skew))
 
+    def kernel_keys(self) -> tuple[Mapping[str, str], float] | None:
+        """(keys, max skew in seconds) for the hit kernel, which checks the common
+        request against the wall clock; None with another clock (tests), which keeps
+        every check here."""
+        if self._clock is not time.time:
+            return None
+        return self._keys, float(self._max_skew)
+
     def authenticate(self, request: S3Request) -> VerifiedRequest:
         """Like `verify`, returning what chunk-signature checks need as well."""
         authorization = request.headers.getall("Authorization", [])

@@ -38,6 +38,8 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from sprox.cache.blockfiles import MAX_IDLE_FDS
+from sprox.cache.mirror import MAX_ENTRIES as MIRROR_ENTRIES
 from sprox.server import SHUTDOWN_SECONDS
 from tests.counting_upstream import CountingUpstream
 from tests.data import object_bytes
@@ -72,7 +74,8 @@ CONNECT_TIMEOUT = 15.0  # covers SYN retransmits when the listen queue overflows
 RSS_HEADROOM = 100 * MiB
 FD_MARGIN = 8  # descriptors outside the pools may differ by this after the load
 UPSTREAM_POOL_LIMIT = 256  # sprox.upstream.s3: TCPConnector(limit=256)
-IDLE_BLOCK_FDS_LIMIT = 256  # sprox.cache.blockfiles.MAX_IDLE_FDS
+# Idle block files, and those the hit kernel's mirror holds open for the objects it knows.
+IDLE_BLOCK_FDS_LIMIT = MAX_IDLE_FDS + MIRROR_ENTRIES
 SLOW_UPSTREAM = 1.0  # first-byte delay of the upstream while SIGTERM arrives
 
 HOT_SIZES = [3_000, 40_000, BLOCK + 1, 200_003, 700_001, 1_500_017]

@@ -44,6 +44,8 @@ from typing import Self
 
 import pytest
 
+from sprox.cache.blockfiles import MAX_IDLE_FDS
+from sprox.cache.mirror import MAX_ENTRIES as MIRROR_ENTRIES
 from tests.counting_upstream import CountingUpstream
 from tests.data import check_bytes, object_bytes
 
@@ -61,14 +63,15 @@ STALE_SLACK = 1.0
 RESPONSE_TIMEOUT = 15.0  # one pipelined batch; a hang fails instead of eating the budget
 MiB = 2**20
 RSS_HEADROOM = 200 * MiB  # peak VmRSS / VmHWM must stay below warm-up RSS + this
-# Descriptors are compared by kind: Sprox keeps two bounded pools whose size after a
-# run says nothing about leaks (idle block-file descriptors, up to MAX_IDLE_FDS; idle
+# Descriptors are compared by kind: Sprox keeps bounded pools whose size after a run
+# says nothing about leaks (idle block-file descriptors, up to MAX_IDLE_FDS, and those
+# the hit kernel's mirror holds for the objects it knows, up to its MAX_ENTRIES; idle
 # upstream keep-alive connections, up to the connector limit, closed after 15 s).
 # Everything else must be back to its warm-up count, within this margin; and after a
 # purge (which closes every idle block file) no block file may be open at all.
 FD_MARGIN = 8
 UPSTREAM_POOL_LIMIT = 256  # sprox.upstream.s3: TCPConnector(limit=max_connections=256)
-IDLE_BLOCK_FDS_LIMIT = 256  # sprox.cache.blockfiles.MAX_IDLE_FDS
+IDLE_BLOCK_FDS_LIMIT = MAX_IDLE_FDS + MIRROR_ENTRIES
 PIPELINE_SHARE = 0.3  # share of batches that pipeline 2-8 requests
 OVERWRITE_EVERY = 1.0  # one mutable object overwritten on the upstream per second...
 PUBLISH_EVERY = 0.25  # ...and one new (cold) object published this often
