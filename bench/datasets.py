@@ -177,3 +177,35 @@ def tpch_data(settings: Settings) -> TpchData:
     manifest_path.write_text(json.dumps({"sf": sf, "files": names, "rows": rows,
                                          "seconds": round(time.monotonic() - started, 1)}))
     return TpchData(root, sf, files, rows, sum(f.stat().st_size for f in files))
+
+
+WIDE_COLUMNS = 240
+WIDE_ROW_GROUP = 16_384  # rows: a column chunk of doubles is then ~128 KiB
+
+
+def wide_table(data: TpchData) -> Path:
+    """A wide table next to lineitem (served by the same upstream): `id` and 239 double
+    columns in row groups of 16k rows, so a query over a third of its columns makes
+    many small range reads (one per column chunk, ~128 KiB each), the OLAP access
+    pattern where a per-request cost shows. 20 row groups at scale factor 1 and above,
+    2 below. Returns its directory (one Parquet file)."""
+    directory = data.root / TPCH_BUCKET / "wide"
+    target = directory / "part-000.parquet"
+    if target.exists():
+        return directory
+    import duckdb
+
+    rows = WIDE_ROW_GROUP * (20 if data.sf >= 1 else 2)
+    columns = ", ".join(f"(hash(i * {WIDE_COLUMNS} + {k}) % 1000000007)::DOUBLE / 7 AS c{k}"
+                        for k in range(1, WIDE_COLUMNS))
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = directory / ".part-000.parquet.tmp"
+    con = duckdb.connect()
+    try:
+        con.execute("SET enable_progress_bar = false")
+        con.execute(f"COPY (SELECT i AS id, {columns} FROM range({rows}) t(i)) TO '{tmp}' "
+                    f"(FORMAT parquet, COMPRESSION snappy, ROW_GROUP_SIZE {WIDE_ROW_GROUP})")
+    finally:
+        con.close()
+    os.replace(tmp, target)
+    return directory

@@ -319,8 +319,9 @@ class BenchSprox(SproxProcess):
 
 # -- nginx ------------------------------------------------------------------------------
 
-NGINX_CONF = """\
-# Written by bench/harness.py: a minimal static file server, the reference for hits.
+# What both nginx configurations share: one worker, no access log, sendfile, long
+# keep-alive, every path in the work directory.
+_NGINX_PRELUDE = """\
 {user}worker_processes 1;
 {affinity}pid {work}/nginx.pid;
 error_log {work}/error.log warn;
@@ -331,15 +332,54 @@ http {{
     tcp_nopush {nopush};
     keepalive_requests 100000000;
     keepalive_timeout 300s;
-    default_type application/octet-stream;
     client_body_temp_path {work}/client_body;
     proxy_temp_path {work}/proxy;
     fastcgi_temp_path {work}/fastcgi;
     uwsgi_temp_path {work}/uwsgi;
     scgi_temp_path {work}/scgi;
+"""
+
+NGINX_CONF = """\
+# Written by bench/harness.py: a minimal static file server, the reference for hits.
+""" + _NGINX_PRELUDE + """\
+    default_type application/octet-stream;
     server {{
         listen {host}:{port};
         root {root};
+    }}
+}}
+"""
+
+
+# The peer a user would put in front of S3 instead of Sprox: nginx's proxy_cache with
+# 1 MiB slices (the slice module turns every read into aligned 1 MiB range requests and
+# caches each slice), keyed without the signature so every client shares it. The bench
+# upstream does not verify signatures, so a slice request re-signed by no one is fine.
+# Requests with a query (listings) are not cached, as Sprox does not cache them by
+# default (--list-ttl): a listing cached for days would hide new objects.
+NGINX_PROXY_CACHE_CONF = """\
+# Written by bench/harness.py: nginx proxy_cache with 1 MiB slices in front of an upstream.
+""" + _NGINX_PRELUDE + """\
+    proxy_cache_path {work}/cache levels=1:2 keys_zone=slices:64m max_size=64g inactive=7d use_temp_path=off;
+    upstream origin {{
+        server {upstream};
+        keepalive 64;
+    }}
+    server {{
+        listen {host}:{port};
+        location / {{
+            slice 1m;
+            proxy_cache slices;
+            proxy_cache_key "$request_method $request_uri $slice_range";
+            proxy_set_header Range $slice_range;
+            proxy_cache_valid 200 206 7d;
+            proxy_cache_bypass $args;
+            proxy_no_cache $args;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Host $http_host;
+            proxy_pass http://origin;
+        }}
     }}
 }}
 """
@@ -359,11 +399,15 @@ def nginx_binary() -> str | None:
 
 class NginxServer:
     """nginx serving `root` on a free port of 127.0.0.1: one worker, pinned to `cpu`,
-    sendfile on, no access log; config, pid, logs and temp paths all in `work_dir`."""
+    sendfile on, no access log; config, pid, logs and temp paths all in `work_dir`.
+    With `proxy_to` ("host:port"), the proxy_cache peer in front of that upstream
+    instead (NGINX_PROXY_CACHE_CONF, its cache in `work_dir`/cache)."""
 
-    def __init__(self, work_dir: Path, root: Path, cpu: int | None = None, startup_timeout: float = 15.0):
+    def __init__(self, work_dir: Path, root: Path | None = None, cpu: int | None = None,
+                 startup_timeout: float = 15.0, proxy_to: str | None = None):
         self.work_dir = Path(work_dir)
-        self.root = Path(root)
+        self.root = Path(root) if root is not None else None
+        self.proxy_to = proxy_to
         self.cpu = cpu
         self.startup_timeout = startup_timeout
         self.port = 0
@@ -396,11 +440,15 @@ class NginxServer:
         self.work_dir.mkdir(parents=True, exist_ok=True)
         for attempt in range(3):
             self.port = free_port()
-            self.conf_path.write_text(NGINX_CONF.format(
+            common = dict(
                 user="user root;\n" if os.geteuid() == 0 else "",  # workers must read the data
                 affinity=f"worker_cpu_affinity {1 << self.cpu:b};\n" if self.cpu is not None else "",
-                work=self.work_dir, host=HOST, port=self.port, root=self.root.resolve(),
-                nopush="on" if NGINX_NOPUSH else "off"))
+                work=self.work_dir, host=HOST, port=self.port, nopush="on" if NGINX_NOPUSH else "off")
+            if self.proxy_to is not None:
+                self.conf_path.write_text(NGINX_PROXY_CACHE_CONF.format(upstream=self.proxy_to, **common))
+            else:
+                assert self.root is not None
+                self.conf_path.write_text(NGINX_CONF.format(root=self.root.resolve(), **common))
             with open(self.work_dir / "nginx.log", "ab") as log:
                 self._proc = subprocess.Popen(
                     [*_taskset(self.cpu), binary, "-p", f"{self.work_dir}/", "-c", str(self.conf_path),

@@ -42,7 +42,8 @@ COLUMNS: dict[str, dict[str, pa.DataType]] = {
     "hits": {**_RUN, "case": _S, "server": _S, "range_size": _I, "response_bytes": _I, "body_bytes": _I,
              "requests": _I, "rounds": _I, "rps": _F,
              "gbps": _F, "server_cpu_us_per_req": _F, "server_cpu_pct": _F, "loadgen_cpu_pct": _F,
-             "server_core_busy": _F, "server_core_other": _F, "client_core_busy": _F, "client_core_other": _F},
+             "server_core_busy": _F, "server_core_other": _F, "client_core_busy": _F, "client_core_other": _F,
+             "latency_us_p99": _F},
     "olap": {**_RUN, "engine": _S, "query": _S, "mode": _S, "seconds": _F, "upstream_GET": _F, "tpch_sf": _F,
              "rows": _I, "parquet_bytes": _I, "parquet_files": _I, "upstream_latency_ms": _F, "rounds": _I},
     "io": {**_RUN, "kind": _S, "case": _S, "backend": _S, "mbps": _F, "own_cpu_us_per_op": _F,
@@ -196,6 +197,7 @@ cases AS (
 SELECT c."case", c.range_size, c.size,
        n.rps AS nginx_rps, n.gbps AS nginx_gbps, n.server_cpu_us_per_req AS nginx_cpu_us,
        n.server_busy AS nginx_server_busy, n.generator_busy AS nginx_generator_busy,
+       n.latency_us_p99 AS nginx_p99_us, s.latency_us_p99 AS sprox_p99_us,
        s.rps AS sprox_rps, s.gbps AS sprox_gbps, s.server_cpu_us_per_req AS sprox_cpu_us,
        s.server_busy AS sprox_server_busy, s.generator_busy AS sprox_generator_busy,
        s.rps / nullif(n.rps, 0) AS ratio,
@@ -221,7 +223,8 @@ def hits_table(ctx: SessionContext, run_id: str) -> Table:
         details.append(f"median of {max(rounds)} round{'s' if max(rounds) != 1 else ''}")
     details.append(f"noise on the pinned cores up to {max(noise):.0f}%" if noise else "noise not recorded")
     table = Table("hits", run_id, f"Cached hits ({'; '.join(details)}):",
-                  ["cached hits", "nginx", "Sprox", "Sprox / nginx", "CPU per request, nginx / Sprox"])
+                  ["cached hits", "nginx", "Sprox", "Sprox / nginx", "CPU per request, nginx / Sprox",
+                   "p99 latency, nginx / Sprox"])
     for r in rows:
         size = r["range_size"] or (round(r["size"]) if r["size"] is not None else None)
         label = r["case"] if size is None else (
@@ -232,12 +235,14 @@ def hits_table(ctx: SessionContext, run_id: str) -> Table:
                  for who, key in (("nginx", "nginx"), ("Sprox", "sprox"))]
         if any(notes):
             cpu = f"{cpu} ({'; '.join(n for n in notes if n)})".strip()
+        p99 = "" if _missing(r["nginx_p99_us"]) and _missing(r["sprox_p99_us"]) else \
+            f"{_latency(r['nginx_p99_us'])} / {_latency(r['sprox_p99_us'])}"
         table.rows.append([label, _throughput(r["nginx_rps"], r["nginx_gbps"], size),
-                           _throughput(r["sprox_rps"], r["sprox_gbps"], size), _ratio(r["ratio"]), cpu])
+                           _throughput(r["sprox_rps"], r["sprox_gbps"], size), _ratio(r["ratio"]), cpu, p99])
     return table
 
 
-OLAP_MODES = ("direct", "sprox-cold", "sprox-warm", "local")
+OLAP_MODES = ("direct", "sprox-cold", "sprox-warm", "nginx-cold", "nginx-warm", "local")
 OLAP_SQL = f"""
 WITH latest AS (
     SELECT * FROM (
@@ -255,7 +260,8 @@ SELECT max(tpch_sf) AS sf, max(rows) AS rows, max(parquet_bytes) AS bytes, max(p
        max(upstream_latency_ms) AS latency_ms
 FROM olap WHERE run_id = $run
 """
-_NAMES = {"duckdb": "DuckDB", "datafusion": "DataFusion", "q1": "Q1", "q6": "Q6"}
+_NAMES = {"duckdb": "DuckDB", "datafusion": "DataFusion", "q1": "Q1", "q6": "Q6",
+          "wide": "wide (80 of 240 columns)"}
 
 
 def _generator_note(server: str, server_busy: float | None, generator_busy: float | None) -> str | None:
@@ -269,8 +275,9 @@ def _generator_note(server: str, server_busy: float | None, generator_busy: floa
 
 
 def olap_table(ctx: SessionContext, run_id: str) -> Table:
-    """OLAP: seconds (upstream GETs) direct, through Sprox cold and warm, and from local
-    files (the README's second table); warm is bold when Sprox ran with its cache."""
+    """OLAP: seconds (upstream GETs) direct, through Sprox cold and warm, through nginx
+    proxy_cache (1 MiB slices) cold and warm, and from local files (the README's second
+    table); Sprox warm is bold when Sprox ran with its cache."""
     info = _context(ctx, "olap", run_id)
     setup = _rows(ctx, _OLAP_SETUP_SQL, run=run_id)[0]
     cache = info.get("sprox_mode") == "cache"
@@ -283,15 +290,19 @@ def olap_table(ctx: SessionContext, run_id: str) -> Table:
     latency = f"{_plain(setup['latency_ms'])} ms" if setup["latency_ms"] is not None else "unknown"
     caption = (f"OLAP ({_describe(run_id, info)}; {_sprox(info)}"
                f"{': cold and warm are both pass-through' if info.get('sprox_mode') == 'passthrough' else ''}): "
-               f"TPC-H lineitem{' (' + ', '.join(d for d in data if d) + ')' if any(data) else ''}, from an S3-like "
+               f"TPC-H lineitem{' (' + ', '.join(d for d in data if d) + ')' if any(data) else ''} and a wide table "
+               f"(240 columns, 16k-row groups), from an S3-like "
                f"upstream with {latency} first-byte latency. Seconds (upstream GETs):")
-    table = Table("olap", run_id, caption, ["engine", "query", "direct", "Sprox cold", "Sprox warm", "local files"])
+    table = Table("olap", run_id, caption, ["engine", "query", "direct", "Sprox cold", "Sprox warm", "nginx cold",
+                                            "nginx warm", "local files"])
     for r in _rows(ctx, OLAP_SQL, run=run_id):
         warm = _seconds_gets(r["sprox-warm_s"], r["sprox-warm_gets"])
         table.rows.append([_NAMES.get(r["engine"], r["engine"]), _NAMES.get(r["query"], r["query"]),
                            _seconds_gets(r["direct_s"], r["direct_gets"]),
                            _seconds_gets(r["sprox-cold_s"], r["sprox-cold_gets"]),
-                           f"**{warm}**" if cache and warm != MISSING else warm, _seconds(r["local_s"])])
+                           f"**{warm}**" if cache and warm != MISSING else warm,
+                           _seconds_gets(r["nginx-cold_s"], r["nginx-cold_gets"]),
+                           _seconds_gets(r["nginx-warm_s"], r["nginx-warm_gets"]), _seconds(r["local_s"])])
     return table
 
 
@@ -397,6 +408,12 @@ def _us(x: float | None) -> str:
     if _missing(x):
         return MISSING
     return f"{x:.1f} µs" if x < 10 else f"{x:,.0f} µs"
+
+
+def _latency(us: float | None) -> str:
+    if _missing(us):
+        return MISSING
+    return _us(us) if us < 1000 else f"{us / 1000:.1f} ms"
 
 
 def _num(x: float | None) -> str:

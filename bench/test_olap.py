@@ -1,15 +1,19 @@
 """OLAP engines reading Parquet over S3: TPC-H lineitem (>= 1 GB of Parquet at the
 full-mode scale factor, 6) served by bench/upstream.py with a 20 ms first-byte latency.
 
-For DuckDB (httpfs) and DataFusion, three queries (TPC-H Q1 and Q6, and a selective
-range of order keys that row-group statistics prune to a few row groups), each in
-four modes:
+For DuckDB (httpfs) and DataFusion, four queries (TPC-H Q1 and Q6, a selective range
+of order keys that row-group statistics prune to a few row groups, and `wide`: a third
+of the 240 columns of a wide table in 16k-row groups, many ~128 KiB range reads; see
+bench/datasets.py wide_table), each in six modes:
 
 - `local`: the engine reads the Parquet files from local disk (the floor);
 - `direct`: the engine talks to the upstream itself;
 - `sprox-cold`: through a fresh Sprox (new, empty cache directory) in front of the
   upstream;
-- `sprox-warm`: through the same Sprox again, after a first run filled its cache.
+- `sprox-warm`: through the same Sprox again, after a first run filled its cache;
+- `nginx-cold`, `nginx-warm`: the same through the peer a user would pick instead,
+  nginx `proxy_cache` with 1 MiB slices (bench/harness.py NGINX_PROXY_CACHE_CONF), one
+  worker, like Sprox's one process.
 
 Every round opens a fresh engine session, so nothing the engine caches carries from
 one round to the next; DuckDB's own HTTP/Parquet caches are also switched off. Each
@@ -30,12 +34,13 @@ from pathlib import Path
 
 import pytest
 
-from bench.datasets import TPCH_BUCKET, TpchData, duckdb_extension, tpch_data
+from bench.datasets import TPCH_BUCKET, WIDE_COLUMNS, TpchData, duckdb_extension, tpch_data, wide_table
 from bench.harness import (
     TEST_ACCESS_KEY,
     TEST_REGION,
     TEST_SECRET_KEY,
     BenchSprox,
+    NginxServer,
     UpstreamProcess,
     sprox_args,
     sprox_mode,
@@ -46,8 +51,8 @@ from bench.harness import (
 pytestmark = pytest.mark.timeout(3600)
 
 ENGINES = ("duckdb", "datafusion")
-QUERY_NAMES = ("q1", "q6", "selective")
-MODES = ("local", "direct", "sprox-cold", "sprox-warm")
+QUERY_NAMES = ("q1", "q6", "selective", "wide")
+MODES = ("local", "direct", "sprox-cold", "sprox-warm", "nginx-cold", "nginx-warm")
 
 
 def queries(data: TpchData) -> dict[str, str]:
@@ -78,6 +83,10 @@ def queries(data: TpchData) -> dict[str, str]:
             SELECT count(*) AS n, sum(l_extendedprice) AS total, min(l_shipdate) AS first_ship
             FROM lineitem
             WHERE l_orderkey BETWEEN {low} AND {low + 20000}""",
+        # The wide table (datasets.wide_table): every third of its 240 columns, in every
+        # row group: ~80 small range reads per row group, the pattern of wide OLAP tables.
+        "wide": "SELECT count(*) AS n, " + ", ".join(f"sum(c{k}) AS s{k}" for k in range(1, WIDE_COLUMNS, 3))
+                + " FROM lineitem",
     }
 
 
@@ -170,17 +179,28 @@ class Olap:
     engines: dict
     sql: dict[str, str]
     expected: dict[tuple[str, str], list[tuple]]
-    warm_sprox: dict[tuple[str, str], BenchSprox]
+    warm: dict[tuple[str, str, str], object]  # (engine, query, "sprox"|"nginx") -> its server, filled
 
-    def new_sprox(self) -> BenchSprox:
+    def new_server(self, kind: str):
+        """A fresh Sprox, or nginx proxy_cache peer, with an empty cache."""
+        if kind == "nginx":
+            upstream = self.upstream.endpoint.removeprefix("http://")
+            return NginxServer(self.work / f"nginx-{time.monotonic_ns()}", proxy_to=upstream).start()
         cache = self.work / f"cache-{time.monotonic_ns()}"
         return self.start_sprox(*sprox_args(upstream=self.upstream.endpoint, cache_dir=cache,
                                             cache_size=f"{max(2, int(3 * self.data.total_bytes / 2**30) + 1)}GiB"))
 
-    def source(self, mode: str) -> str:
+    def stop_server(self, server) -> None:
+        if isinstance(server, NginxServer):
+            server.stop()
+        else:
+            self.stop_sprox(server)
+
+    def source(self, mode: str, query: str) -> str:
+        table = "wide" if query == "wide" else "lineitem"  # (each engine reads it as `lineitem`)
         if mode == "local":
-            return str(self.data.local_dir)
-        return f"s3://{TPCH_BUCKET}/lineitem"
+            return str(self.data.root / TPCH_BUCKET / table)
+        return f"s3://{TPCH_BUCKET}/{table}"
 
 
 @pytest.fixture(scope="module")
@@ -194,11 +214,14 @@ def olap(bench_settings, start_sprox, tmp_path_factory) -> Olap:
         missing(f"{exc.name} is not installed")
     duckdb_extension("httpfs")
     data = tpch_data(bench_settings)
+    wide_table(data)
     work = tmp_path_factory.mktemp("olap")
     upstream = UpstreamProcess(work / "upstream", data.root, bench_settings.upstream_latency_ms).start()
     olap = Olap(bench_settings, data, upstream, start_sprox, start_sprox.stop, work,
                 {"duckdb": DuckDBEngine(), "datafusion": DataFusionEngine()}, queries(data), {}, {})
     yield olap
+    for server in olap.warm.values():
+        olap.stop_server(server)
     upstream.stop()
 
 
@@ -210,28 +233,29 @@ def test_olap(benchmark, olap: Olap, results, engine: str, query: str, mode: str
     settings = olap.settings
     eng = olap.engines[engine]
     sql = olap.sql[query]
-    source = olap.source(mode)
+    source = olap.source(mode, query)
     key = (engine, query)
 
     if key not in olap.expected:
         session = eng.open(None)
         try:
-            olap.expected[key] = eng.run(session, str(olap.data.local_dir), sql)
+            olap.expected[key] = eng.run(session, olap.source("local", query), sql)
         finally:
             eng.close(session)
 
-    sprox: dict[str, BenchSprox | None] = {"proc": None}
-    if mode == "sprox-warm":
-        proc = olap.warm_sprox.get(key)
-        if proc is None:  # the cold test did not run (e.g. -k): fill a new Sprox once
-            proc = olap.new_sprox()
+    kind = mode.partition("-")[0]  # "sprox" or "nginx" for the caching modes
+    server: dict[str, object] = {"proc": None}
+    if mode.endswith("-warm"):
+        proc = olap.warm.get((*key, kind))
+        if proc is None:  # the cold test did not run (e.g. -k): fill a new one once
+            proc = olap.new_server(kind)
             session = eng.open(proc.endpoint)
             try:
                 eng.run(session, source, sql)
             finally:
                 eng.close(session)
-            olap.warm_sprox[key] = proc
-        sprox["proc"] = proc
+            olap.warm[(*key, kind)] = proc
+        server["proc"] = proc
 
     rounds: list[dict] = []
     pending: dict = {}
@@ -248,15 +272,15 @@ def test_olap(benchmark, olap: Olap, results, engine: str, query: str, mode: str
 
     def setup():
         finish_round()
-        if mode == "sprox-cold":
-            if sprox["proc"] is not None:
-                olap.stop_sprox(sprox["proc"])
-            sprox["proc"] = olap.new_sprox()
+        if mode.endswith("-cold"):
+            if server["proc"] is not None:
+                olap.stop_server(server["proc"])
+            server["proc"] = olap.new_server(kind)
         endpoint = None
         if mode == "direct":
             endpoint = olap.upstream.endpoint
-        elif mode.startswith("sprox"):
-            endpoint = sprox["proc"].endpoint
+        elif server["proc"] is not None:
+            endpoint = server["proc"].endpoint
         session = eng.open(endpoint)
         pending["before"] = olap.upstream.stats() if endpoint else None
         pending["session"] = session
@@ -276,13 +300,13 @@ def test_olap(benchmark, olap: Olap, results, engine: str, query: str, mode: str
     benchmark.pedantic(one_round, setup=setup, rounds=settings.olap_rounds if mode != "local" else
                        max(settings.olap_rounds, 3), iterations=1)
     finish_round()
-    if mode == "sprox-cold" and sprox["proc"] is not None:
-        previous = olap.warm_sprox.pop(key, None)
+    if mode.endswith("-cold") and server["proc"] is not None:
+        previous = olap.warm.pop((*key, kind), None)
         if previous is not None:
-            olap.stop_sprox(previous)
-        olap.warm_sprox[key] = sprox["proc"]  # the warm test reuses what this one filled
-    if mode == "sprox-warm" and sprox["proc"] is not None:
-        olap.stop_sprox(olap.warm_sprox.pop(key))
+            olap.stop_server(previous)
+        olap.warm[(*key, kind)] = server["proc"]  # the warm test reuses what this one filled
+    if mode.endswith("-warm") and server["proc"] is not None:
+        olap.stop_server(olap.warm.pop((*key, kind)))
 
     seconds = [r["seconds"] for r in rounds]
     median_round = sorted(rounds, key=lambda r: r["seconds"])[len(rounds) // 2]

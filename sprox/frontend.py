@@ -212,28 +212,20 @@ class FrontEnd:
 
     def drain_kernel(self) -> None:
         """Count and log the hits the kernel answered since the last drain (its ring of
-        fixed-size records): called by the lane shortly after a kernel hit, before
-        any admin answer, and at shutdown."""
+        fixed-size records, its counters): called by the lane shortly after kernel hits,
+        before any admin answer, and at shutdown."""
         kernel = self.kernel
-        if kernel is None or not kernel.ring_waiting:
+        if kernel is None:
             return
-        drained = kernel.drain()
-        observe = self.metrics.observe
-        access_log = self.access_log
-        blocks = []
-        for (started_at, seconds, request_id, operation, bucket, key, range_, status, bytes_sent, user_agent,
-             access_key, first_byte, object_size, record_id, first_block, last_block) in drained:
-            observe(operation, status, "HIT", bytes_sent, 0, 0, seconds)
-            if access_log is not None:
-                access_log.record(AccessRecord(
-                    time=started_at, request_id=request_id, operation=operation, bucket=bucket, key=key,
-                    range=range_, status=status, bytes_sent=bytes_sent, cache="HIT", upstream_requests=0,
-                    upstream_bytes=0, latency_ms=seconds * 1000.0, user_agent=user_agent, access_key=access_key,
-                    first_byte=first_byte, object_size=object_size))
-            if last_block >= first_block:
-                blocks.append((record_id, first_block, last_block))
-        self.fast_hits += len(drained)
-        self.cache.note_kernel_hits(len(drained), blocks)
+        if kernel.ring_waiting:
+            records, blocks = kernel.drain()
+            if self.access_log is not None:
+                self.access_log.record_many(records)
+            self.fast_hits += len(records)
+            self.cache.note_kernel_hits(len(records), blocks)
+        gets, heads, bytes_sent, latency_counts, latency_sum = kernel.take_counters()
+        if gets or heads:
+            self.metrics.add_kernel_hits(gets, heads, bytes_sent, latency_counts, latency_sum)
 
     def kernel_rest(self, pending: tuple) -> KernelHitRest:
         """What is left of a kernel answer the socket could not take at once."""

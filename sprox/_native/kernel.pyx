@@ -125,6 +125,7 @@ DEF TABLE_SLOTS = 4096  # hash buckets (entries chain); the mirror keeps fewer e
 DEF COPY_MAX = 65536  # without sendfile: bodies up to this are copied in one send
 DEF OUT_BYTES = MAX_HEAD + 4096 + COPY_MAX
 DEF CANONICAL_BYTES = 8192
+DEF MAX_BUCKETS = 32  # latency histogram bounds (sprox.metrics.LATENCY_BUCKETS)
 DEF COALESCE_MAX = 16384  # bodies up to this leave in one send with their head
 
 cdef const char *DAYS = b"SunMonTueWedThuFriSat"
@@ -739,14 +740,30 @@ cdef class HitKernel:
     cdef public uint64_t bytes_sent
     cdef public uint64_t ring_full  # hits given to the Python lane because the ring was full
     cdef public uint64_t partials  # answers the socket could not take at once (finished in Python)
+    # The metrics of the hits logged since take_counters(): requests by method (GET,
+    # HEAD), body bytes, and GETs' latency in the histogram's buckets.
+    cdef uint64_t _requests[2]
+    cdef uint64_t _sent
+    cdef double _bounds[MAX_BUCKETS]
+    cdef int _bound_count
+    cdef uint64_t _latency_counts[MAX_BUCKETS + 1]
+    cdef double _latency_sum
+    cdef object _record_type  # what drain() makes of each record (AccessRecord)
 
-    def __cinit__(self, keys, double max_skew_seconds, domain, str request_id_prefix):
+    def __cinit__(self, keys, double max_skew_seconds, domain, str request_id_prefix, latency_buckets=(),
+                  record_type=None):
         self._table = <Entry **>calloc(TABLE_SLOTS, sizeof(Entry *))
         self._ring = <LogRecord *>calloc(RING_RECORDS, sizeof(LogRecord))
         self._keys = <KeySlot *>calloc(MAX_KEYS, sizeof(KeySlot))
         if self._table is NULL or self._ring is NULL or self._keys is NULL:
             raise MemoryError()
         self._auth = keys is not None
+        if len(latency_buckets) > MAX_BUCKETS:
+            raise ValueError(f"at most {MAX_BUCKETS} latency buckets")
+        for i, bound in enumerate(latency_buckets):
+            self._bounds[i] = bound
+        self._bound_count = len(latency_buckets)
+        self._record_type = record_type if record_type is not None else _fields
         self._max_skew = max_skew_seconds
         self._domain = (domain or "").lower().encode("ascii")
         self._key_names = []
@@ -896,29 +913,53 @@ cdef class HitKernel:
         return self._ring_head - self._ring_tail
 
     def drain(self):
-        """The records written since the last drain, oldest first, as tuples:
-        (started_at, seconds, request_id, operation, bucket, key, range, status,
-        bytes_sent, user_agent, access_key, first_byte, object_size, record_id,
-        first_block, last_block)."""
-        cdef list out = []
+        """The records written since the last drain, oldest first: (access records,
+        blocks read). An access record is `record_type(time, request_id, operation,
+        bucket, key, range, status, bytes_sent, cache, upstream_requests,
+        upstream_bytes, latency_ms, user_agent, access_key, first_byte, object_size)`
+        (sprox.analytics.accesslog.AccessRecord's fields); blocks read are (record id,
+        first block, last block) of each GET that sent a body."""
+        cdef list records = []
+        cdef list blocks = []
         cdef LogRecord *r
+        make = self._record_type
         while self._ring_tail < self._ring_head:
             r = &self._ring[self._ring_tail % RING_RECORDS]
-            out.append(self._as_tuple(r))
-            _release_log(r)
-            self._ring_tail += 1
-        return out
-
-    cdef tuple _as_tuple(self, LogRecord *r):
-        return (r.started_at, r.seconds, r.request_id[:16].decode("ascii"),
-                "GetObject" if r.method == 1 else "HeadObject",
-                <object>r.bucket, <object>r.key,
-                r.range_[:r.range_len].decode("ascii") if r.range_len >= 0 else None,
-                r.status, r.bytes_sent,
+            records.append(make(
+                r.started_at, r.request_id[:16].decode("ascii"), "GetObject" if r.method == 1 else "HeadObject",
+                <object>r.bucket, <object>r.key, r.range_[:r.range_len].decode("ascii") if r.range_len >= 0 else None,
+                r.status, r.bytes_sent, "HIT", 0, 0, r.seconds * 1000.0,
                 self._agent_names[r.agent] if r.agent >= 0 else None,
                 self._key_names[r.key_slot] if r.key_slot >= 0 else None,
-                r.first_byte if r.first_byte >= 0 else None, r.object_size,
-                r.record_id, r.first_block, r.last_block)
+                r.first_byte if r.first_byte >= 0 else None, r.object_size))
+            if r.last_block >= r.first_block:
+                blocks.append((r.record_id, r.first_block, r.last_block))
+            _release_log(r)
+            self._ring_tail += 1
+        return records, blocks
+
+    def take_counters(self):
+        """The metrics of the hits logged since the last call, and reset: (GET count,
+        HEAD count, body bytes, GET latency counts per bucket (one more than the
+        bounds: above them all), GET latency sum in seconds)."""
+        out = (self._requests[0], self._requests[1], self._sent,
+               [self._latency_counts[i] for i in range(self._bound_count + 1)], self._latency_sum)
+        self._requests[0] = self._requests[1] = 0
+        self._sent = 0
+        memset(self._latency_counts, 0, sizeof(self._latency_counts))
+        self._latency_sum = 0.0
+        return out
+
+    cdef void _count(self, LogRecord *r) noexcept nogil:
+        """Add a logged hit to the metrics (the histogram: bisect_left over the bounds)."""
+        cdef int i = 0
+        self._requests[r.method - 1] += 1
+        self._sent += r.bytes_sent
+        if r.method == 1:
+            while i < self._bound_count and self._bounds[i] < r.seconds:
+                i += 1
+            self._latency_counts[i] += 1
+            self._latency_sum += r.seconds
 
     # -- a PARTIAL answer, continued by the Python lane -------------------------------------
 
@@ -946,6 +987,7 @@ cdef class HitKernel:
         r.bytes_sent = total_sent
         r.seconds = _now(CLOCK_MONOTONIC) - r.seconds  # (seconds held the start)
         self.bytes_sent += total_sent
+        self._count(&r)
         if self._ring_head - self._ring_tail >= RING_RECORDS:
             self.ring_full += 1  # counted; the record's references are given back
             _release_log(&r)
@@ -1471,6 +1513,7 @@ cdef class HitKernel:
         r.bytes_sent = sent_body if result == _SENT or result == _SENT_CLOSE else 0
         r.seconds = _now(CLOCK_MONOTONIC) - started
         self.bytes_sent += r.bytes_sent
+        self._count(r)
         self._ring_head += 1
         return result
 
@@ -1587,6 +1630,11 @@ cdef inline bint _allowed(Entry *e, int key_slot) noexcept nogil:
         if e.allowed[i] == key_slot:
             return True
     return False
+
+
+def _fields(*fields):
+    """drain()'s records when no record type is given: the fields as a tuple."""
+    return fields
 
 
 cdef void _free_entry(Entry *e) noexcept:

@@ -21,21 +21,9 @@ from botocore.credentials import Credentials
 from botocore.exceptions import ClientError
 
 from tests.data import object_bytes
+from tests.functional.test_auth import ADMIN, KEYS_TOML, READER  # READER: bucket "data" only, read only
 
 NO_EXTENSIONS = os.environ.get("SPROX_NO_EXTENSIONS") == "1"  # (read at import: tests hide SPROX_*)
-ADMIN = ("admin-key", "admin-secret")
-READER = ("reader-key", "reader-secret")  # bucket "data" only, read only
-KEYS_TOML = f"""
-[[keys]]
-access_key = "{ADMIN[0]}"
-secret_key = "{ADMIN[1]}"
-
-[[keys]]
-access_key = "{READER[0]}"
-secret_key = "{READER[1]}"
-buckets = ["data"]
-write = false
-"""
 DATA = object_bytes("kernel/data", 2 * 1024 * 1024 + 123)  # three 1 MiB blocks
 
 

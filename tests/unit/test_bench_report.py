@@ -40,13 +40,13 @@ def write_run(monkeypatch: pytest.MonkeyPatch, directory: Path, run_id: str, tab
 
 
 def load_report(rps: float, body: int, *, server_cpu_us: float, server_busy: float = 99.0,
-                client_busy: float = 50.0, other: float = 0.0, seconds: float = 4.0) -> dict:
+                client_busy: float = 50.0, other: float = 0.0, seconds: float = 4.0, p99: int = 150) -> dict:
     """What harness.run_load returns: the generator's JSON plus CPU accounting."""
     requests = int(rps * seconds)
     return {
         "requests": requests, "errors": 0, "incomplete": 0, "reconnects": 0, "body_bytes": requests * body,
         "elapsed_s": seconds, "rps": rps, "gbps": rps * body / 1e9,
-        "latency_us": {"mean": 80.0, "p50": 70, "p90": 90, "p99": 150, "p999": 300, "max": 900},
+        "latency_us": {"mean": 80.0, "p50": 70, "p90": 90, "p99": p99, "p999": 300, "max": 900},
         "status": {"206": requests}, "x_cache": {"HIT": requests, "MISS": 0, "PARTIAL": 0, "BYPASS": 0, "other": 0,
                                                  "absent": 0},
         "connections": 8, "mode": "copy", "cpu_user_s": 1.0, "cpu_sys_s": 1.0, "first_error": "",
@@ -90,10 +90,10 @@ def io_row(kind: str, case: str, backend: str, mbps: float, cpu_us: float, cpu_p
 
 
 def hits_tables() -> dict[str, list[dict]]:
-    nginx = {"4k": load_report(100_000, 4 * KiB, server_cpu_us=9.0),
+    nginx = {"4k": load_report(100_000, 4 * KiB, server_cpu_us=9.0, p99=900),
              "1m": load_report(6_400, MiB, server_cpu_us=118.0, server_busy=75.0, client_busy=97.0),
              "whole": load_report(44.0, 64 * MiB, server_cpu_us=21_422.0, seconds=5.0)}
-    sprox = {"4k": load_report(12_500, 4 * KiB, server_cpu_us=77.0, other=3.0),
+    sprox = {"4k": load_report(12_500, 4 * KiB, server_cpu_us=77.0, other=3.0, p99=4_500),
              "1m": load_report(5_120, MiB, server_cpu_us=189.0)}
     return {"hits": [
         hits_row("range-4KiB", "nginx", 4 * KiB, 4 * KiB, nginx["4k"]),
@@ -107,7 +107,7 @@ def hits_tables() -> dict[str, list[dict]]:
 def olap_tables() -> dict[str, list[dict]]:
     rows = []
     for mode, seconds, gets in (("local", 0.68, None), ("direct", 8.3, 613), ("sprox-cold", 6.9, 300),
-                                ("sprox-warm", 1.31, 0)):
+                                ("sprox-warm", 1.31, 0), ("nginx-cold", 7.5, 1250), ("nginx-warm", 1.1, 0)):
         rows.append(olap_row("duckdb", "q1", mode, seconds, gets))
     for mode, seconds, gets in (("local", 0.016, None), ("direct", 0.08, 15), ("sprox-cold", 0.17, 14)):
         rows.append(olap_row("datafusion", "selective", mode, seconds, gets))  # no warm round
@@ -149,13 +149,15 @@ def rows_of(markdown: str, header: str) -> dict[str, list[str]]:
 def test_hits_table_figures_ratio_and_blank_cells(results: Path) -> None:
     out = report.report(results, tables=["hits"])
     rows = rows_of(out, "cached hits")
-    assert out.splitlines()[2] == "| cached hits | nginx | Sprox | Sprox / nginx | CPU per request, nginx / Sprox |"
-    assert rows["4 KiB ranges"] == ["4 KiB ranges", "100.0k req/s", "12.5k req/s", "0.12", "9.0 µs / 77 µs"]
+    assert out.splitlines()[2] == ("| cached hits | nginx | Sprox | Sprox / nginx | CPU per request, nginx / Sprox "
+                                   "| p99 latency, nginx / Sprox |")
+    assert rows["4 KiB ranges"] == ["4 KiB ranges", "100.0k req/s", "12.5k req/s", "0.12", "9.0 µs / 77 µs",
+                                    "900 µs / 4.5 ms"]
     # 1 MiB and up: GB/s only; nginx's generator core was saturated, its own was not.
     assert rows["1 MiB ranges"] == ["1 MiB ranges", "6.71 GB/s", "5.37 GB/s", "0.80",
-                                    "118 µs / 189 µs (nginx bound by the load generator)"]
+                                    "118 µs / 189 µs (nginx bound by the load generator)", "150 µs / 150 µs"]
     assert rows["whole 64 MiB objects"] == ["whole 64 MiB objects", "2.95 GB/s", MISSING, MISSING,
-                                            f"21,422 µs / {MISSING}"]
+                                            f"21,422 µs / {MISSING}", f"150 µs / {MISSING}"]
     assert list(rows) == ["4 KiB ranges", "1 MiB ranges", "whole 64 MiB objects"]
     assert "run 20261125T020000, commit abc1234, full mode" in out
     assert "median of 3 rounds; noise on the pinned cores up to 3%" in out
@@ -164,8 +166,10 @@ def test_hits_table_figures_ratio_and_blank_cells(results: Path) -> None:
 def test_olap_table_seconds_gets_and_missing_mode(results: Path) -> None:
     out = report.report(results, tables=["olap"])
     rows = rows_of(out, "engine")
-    assert rows["DuckDB Q1"] == ["DuckDB", "Q1", "8.3 (613)", "6.9 (300)", "**1.3 (0)**", "0.68"]
-    assert rows["DataFusion selective"] == ["DataFusion", "selective", "0.080 (15)", "0.17 (14)", MISSING, "0.016"]
+    assert rows["DuckDB Q1"] == ["DuckDB", "Q1", "8.3 (613)", "6.9 (300)", "**1.3 (0)**", "7.5 (1250)", "1.1 (0)",
+                                 "0.68"]
+    assert rows["DataFusion selective"] == ["DataFusion", "selective", "0.080 (15)", "0.17 (14)", MISSING, MISSING,
+                                            MISSING, "0.016"]
     assert list(rows) == ["DuckDB Q1", "DataFusion selective"]
     assert "scale factor 6, 36M rows, 12 Parquet files, 1.33 GB" in out
     assert "20 ms first-byte latency" in out
@@ -212,7 +216,7 @@ def test_old_files_missing_columns_and_changed_types(tmp_path: Path, monkeypatch
     (tmp_path / "hits-20261122T000000.parquet").write_bytes(b"not parquet")  # skipped with a warning
     out = report.report(tmp_path, tables=["hits"])
     rows = rows_of(out, "cached hits")
-    assert rows["64 KiB ranges"] == ["64 KiB ranges", "70.0k req/s, 4.59 GB/s", "35.0k req/s, 2.29 GB/s", "0.50", ""]
+    assert rows["64 KiB ranges"] == ["64 KiB ranges", "70.0k req/s, 4.59 GB/s", "35.0k req/s, 2.29 GB/s", "0.50", "", ""]
     assert "commit –" in out and "noise not recorded" in out
 
 
@@ -220,7 +224,8 @@ def test_command_line(results: Path, capsys: pytest.CaptureFixture[str]) -> None
     assert report.main(["--results", str(results), "--table", "olap", "--format", "text"]) == 0
     out = capsys.readouterr().out
     assert "**" not in out and "1.3 (0)" in out and out.splitlines()[1].split() == [
-        "engine", "query", "direct", "Sprox", "cold", "Sprox", "warm", "local", "files"]
+        "engine", "query", "direct", "Sprox", "cold", "Sprox", "warm", "nginx", "cold", "nginx", "warm", "local",
+        "files"]
     assert report.main(["--results", str(results / "nothing-here")]) == 1
     assert "no hits, olap, io results" in capsys.readouterr().err
 

@@ -64,7 +64,7 @@ def test_the_lane_reads_the_kernels_answers_by_the_same_numbers() -> None:
 
 
 def new_kernel(keys=KEYS, domain=None):
-    return sprox.kernel.HitKernel(keys, 900.0, domain, "0123ABCD")
+    return sprox.kernel.HitKernel(keys, 900.0, domain, "0123ABCD", (0.001, 0.01, 1.0))
 
 
 # -- the strict scanner against llhttp -----------------------------------------------------------
@@ -329,6 +329,20 @@ def test_presigned_urls_it_declines() -> None:
     assert kernel.check_signature(head_bytes("GET", too_long, long_headers), NOW) is None
 
 
+def changed_query(target: str, changes: list[tuple[str, str, str]]) -> str:
+    """`target` with query parameters dropped, added or edited (a suffix to the value)."""
+    path, _, query = target.partition("?")
+    params = query.split("&")
+    for action, name, value in changes:
+        if action == "drop":
+            params = [p for p in params if not p.startswith(name + "=")]
+        elif action == "add":
+            params.append(f"{name}={value}")
+        else:
+            params = [f"{name}={p.partition('=')[2]}{value}" if p.startswith(name + "=") else p for p in params]
+    return path + "?" + "&".join(params)
+
+
 @needs_kernel
 @settings(max_examples=FUZZ_EXAMPLES, deadline=None)
 @given(st.sampled_from(["GET", "HEAD"]),
@@ -344,16 +358,7 @@ def test_random_presigned_urls_it_accepts_the_full_verifier_accepts(method, key,
         target, headers = presigned_head(method, "/bucket/" + key, expires=expires)
     except (ValueError, UnicodeEncodeError):
         return
-    path, _, query = target.partition("?")
-    params = query.split("&")
-    for action, name, value in changes:
-        if action == "drop":
-            params = [p for p in params if not p.startswith(name + "=")]
-        elif action == "add":
-            params.append(f"{name}={value}")
-        else:
-            params = [f"{name}={p.partition('=')[2]}{value}" if p.startswith(name + "=") else p for p in params]
-    target = path + "?" + "&".join(params)
+    target = changed_query(target, changes)
     now = NOW + age
     accepted = new_kernel().check_signature(head_bytes(method, target, headers), now)
     if accepted is None:
@@ -406,16 +411,7 @@ def test_random_sigv2_urls_it_accepts_the_full_verifier_accepts(method, key, lif
         target, headers = presigned_v2(method, "/bucket/" + key, expires_at=int(NOW) + lifetime)
     except (ValueError, UnicodeEncodeError):
         return
-    path, _, query = target.partition("?")
-    params = query.split("&")
-    for action, name, value in changes:
-        if action == "drop":
-            params = [p for p in params if not p.startswith(name + "=")]
-        elif action == "add":
-            params.append(f"{name}={value}")
-        else:
-            params = [f"{name}={p.partition('=')[2]}{value}" if p.startswith(name + "=") else p for p in params]
-    target = path + "?" + "&".join(params)
+    target = changed_query(target, changes)
     accepted = new_kernel().check_signature(head_bytes(method, target, headers), NOW)
     verdict = full_verdict(method, target, headers)
     if accepted is not None and verdict is not UNPARSED:
@@ -522,10 +518,14 @@ def test_a_hit_is_answered_whole(block_file, use_sendfile, range_header, first, 
     assert len(headers["x-amz-request-id"]) == 16 and headers["x-amz-request-id"].startswith("0123ABCD")
     if range_header:
         assert headers["Content-Range"] == f"bytes {first}-{last}/{len(DATA)}"
-    (logged,) = kernel.drain()
-    assert logged[2:8] == (headers["x-amz-request-id"], "GetObject", "bucket", "key", range_header,
+    (logged,), blocks = kernel.drain()
+    assert logged[1:7] == (headers["x-amz-request-id"], "GetObject", "bucket", "key", range_header,
                           200 if range_header is None else 206)
-    assert logged[8] == last - first + 1 and logged[13:] == (7, first // BLOCK, last // BLOCK)
+    assert logged[7:11] == (last - first + 1, "HIT", 0, 0) and logged[14:] == (first, len(DATA))
+    assert blocks == [(7, first // BLOCK, last // BLOCK)]
+    gets, heads, sent, latency_counts, latency_sum = kernel.take_counters()
+    assert (gets, heads, sent, sum(latency_counts)) == (1, 0, last - first + 1, 1)
+    assert kernel.take_counters()[:3] == (0, 0, 0)
 
 
 @needs_kernel
@@ -560,7 +560,7 @@ def test_it_declines_what_it_cannot_answer_alone(block_file) -> None:
     for why, data in cases.items():
         done, response = answer(kernel, data)
         assert (done, response) == (sprox.kernel.DECLINED, b""), why
-    assert kernel.drain() == []
+    assert kernel.drain() == ([], [])
     # Within the blocks present it answers; forgotten, it declines.
     assert answer(kernel, b"GET /bucket/key HTTP/1.1\r\nRange: bytes=0-8191\r\n\r\n")[0] == sprox.kernel.SENT
     assert kernel.forget("bucket", "key") is True
@@ -594,7 +594,7 @@ def test_an_answer_the_socket_cannot_take_is_left_to_the_python_lane(block_file)
         assert done == sprox.kernel.PARTIAL
         rest, record_id, offset, remaining, first_block, last_block, state, length = kernel.take_pending()
         assert (record_id, first_block, last_block, length) == (3, 0, 3, len(DATA))
-        assert kernel.drain() == []  # logged once the rest is sent
+        assert kernel.drain() == ([], [])  # logged once the rest is sent
         received = bytearray()
 
         def read_all() -> None:
@@ -611,8 +611,8 @@ def test_an_answer_the_socket_cannot_take_is_left_to_the_python_lane(block_file)
         assert not reader.is_alive()
         assert split(bytes(received))[2] == DATA
         kernel.log_pending(state, len(DATA))
-        (logged,) = kernel.drain()
-        assert logged[8] == len(DATA) and logged[4:6] == ("bucket", "key")
+        (logged,), _ = kernel.drain()
+        assert logged[7] == len(DATA) and logged[3:5] == ("bucket", "key")
     finally:
         server.close()
         client.close()
