@@ -106,10 +106,15 @@ class _Version(argparse.Action):
 def version_text() -> str:
     """The version, and what this install runs: native extensions or their pure-Python
     twins, and whether io_uring works here (and why not)."""
-    from . import lane, ranges, uring
+    from . import kernel, lane, ranges, uring
 
     if ranges.NATIVE and lane.NATIVE:
         native = "native extensions loaded"
+        if kernel.NATIVE:
+            native += ", hit kernel loaded"
+        else:
+            native += ("; no hit kernel (it needs OpenSSL's libcrypto at build time, Debian: libssl-dev): "
+                       "the Python lane answers every hit, at several times the CPU")
     else:
         native = ("pure-Python build (no native extensions: cache hits cost more CPU; "
                   "see the install log, or reinstall with a C compiler)")

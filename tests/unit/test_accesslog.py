@@ -154,6 +154,25 @@ def test_records_round_trip_exactly(tmp_path):
     assert (status_type["Type"], status_type["bitWidth"]) == ("Int", 16)
 
 
+def test_a_batch_is_recorded_as_its_records_one_by_one(tmp_path):
+    """record_many (the hit kernel's drained ring) keeps order, wakes the flush at
+    flush_rows, and counts what a full buffer pushes out."""
+    batch = [rec(i) for i in range(30)]
+
+    async def scenario():
+        log = AccessLog(tmp_path, flush_rows=10, flush_seconds=3600)
+        log.record_many(batch[:5])  # before start: buffered
+        await log.start()
+        log.record_many(batch[5:])
+        await until(lambda: log.written == 30, what="the batches written")
+        await log.close()
+        log.record_many(batch[:3])  # after close: dropped, counted
+        assert (log.written, log.dropped) == (30, 3)
+
+    asyncio.run(scenario())
+    assert read_back(tmp_path) == [as_row(r) for r in batch]
+
+
 # --- flushing ------------------------------------------------------------------------
 
 
