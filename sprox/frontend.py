@@ -507,7 +507,10 @@ class KernelHitRest:
         if self.record is not None:
             self.frontend.cache.release_blocks(self.record, self.first_block, self.last_block)
             self.record = None
-        self.frontend.kernel.log_pending(self._log_state, bytes_sent)
+        # The log state holds references the kernel gives back once: log it only once.
+        state, self._log_state = self._log_state, None
+        if state is not None:
+            self.frontend.kernel.log_pending(state, bytes_sent)
 
 
 class _Served:
