@@ -26,6 +26,7 @@ from multidict import CIMultiDict, CIMultiDictProxy, MultiDict, MultiDictProxy
 from .analytics.accesslog import AccessRecord
 from .cache.mirror import HitMirror
 from .cache.service import OBJECT_WRITES, FileSpan, HitPlan
+from .hithead import record_head
 from .kernel import make_kernel
 from .metrics import RequestMetrics
 from .s3 import errors, rights, xml
@@ -208,7 +209,8 @@ class FrontEnd:
         self.fast_hits += 1
         if self.mirror is not None:
             self.mirror.offer(plan, request.access_key)
-        return FastHit(self, request, plan, headers, body, started_at, started)
+        return FastHit(self, request, plan, record_head(plan.record, plan.with_checksums), headers, body, started_at,
+                       started)
 
     def drain_kernel(self) -> None:
         """Count and log the hits the kernel answered since the last drain (its ring of
@@ -472,6 +474,7 @@ class FastHit:
     frontend: FrontEnd
     request: S3Request
     plan: HitPlan
+    head: bytes  # the record's response headers, rendered (sprox/hithead.py)
     request_headers: CIMultiDictProxy
     body: bytes | None
     started_at: float  # epoch seconds, for the access log

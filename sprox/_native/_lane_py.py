@@ -476,7 +476,7 @@ class Connection(asyncio.Protocol):
         plan = hit.plan
         version = b"HTTP/1.0 " if message.version == "1.0" else b"HTTP/1.1 "
         parts = [version, str(plan.status).encode(), b" ", _REASONS[plan.status], b"\r\n",
-                 self.server.date_header(), b"Server: Sprox\r\n", plan.headers]
+                 self.server.date_header(), b"Server: Sprox\r\n", hit.head]
         if plan.content_range is not None:
             parts += (b"Content-Range: ", plan.content_range.encode(), b"\r\n")
         parts += (b"X-Cache: HIT\r\nx-amz-request-id: ", hit.request.request_id.encode(), b"\r\n",

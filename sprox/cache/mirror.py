@@ -24,6 +24,8 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import TYPE_CHECKING
 
+from ..hithead import record_head
+
 if TYPE_CHECKING:
     from .records import ObjectRecord
     from .service import HitPlan, ObjectCache
@@ -59,7 +61,7 @@ class HitMirror:
             self.forget(*name)
         while len(self._held) >= MAX_ENTRIES:
             self.forget(*next(iter(self._held)))
-        template, template_ck = cache.hit_templates(record)
+        template, template_ck = record_head(record), record_head(record, with_checksums=True)
         fd = cache.files.acquire(record)
         try:
             self.kernel.install(record.bucket, record.key, record, fd, fresh_until, template, template_ck, slot)

@@ -8,6 +8,8 @@ import time
 from array import array
 from dataclasses import dataclass, field
 
+from multidict import CIMultiDict
+
 from ..s3.numbers import decimal, parse_content_range
 
 # Upstream response headers that describe one response or one hop, not the object:
@@ -76,8 +78,8 @@ class ObjectRecord:
     # The object's x-amz-checksum-* headers, answered only to a full read that asks for
     # them (x-amz-checksum-mode: ENABLED), as S3 does; None until the origin told them.
     checksums: tuple[tuple[str, str], ...] | None = None
-    # Its response headers rendered for the fast lane (made on the first hit), and
-    # with the checksum headers too.
+    # Its response headers rendered for the fast lane and the hit kernel (made on the
+    # first hit by sprox/hithead.py), and with the checksum headers too.
     rendered: bytes | None = field(default=None, repr=False)
     rendered_with_checksums: bytes | None = field(default=None, repr=False)
 
@@ -144,3 +146,15 @@ class ObjectRecord:
         """Named by a hash of (bucket, key, ETag) and the record id, never by the key."""
         digest = hashlib.sha256(f"{self.bucket}\0{self.key}\0{self.etag}".encode()).hexdigest()[:32]
         return f"{digest[:2]}/{digest}-{self.id}.blk"
+
+
+def response_headers(record: ObjectRecord) -> CIMultiDict:
+    """The headers every answer from `record` carries (before Range and overrides)."""
+    headers = CIMultiDict(record.headers)
+    headers["ETag"] = record.etag
+    if record.last_modified:
+        headers["Last-Modified"] = record.last_modified
+    headers["Accept-Ranges"] = "bytes"
+    if "Content-Type" not in headers:
+        headers["Content-Type"] = "binary/octet-stream"  # S3's default
+    return headers

@@ -40,7 +40,7 @@ from .fill import FAILED, PERSISTED, BlockFill, FillRun, NotCached, ObjectChange
 from .io import ALIGNMENT, IOBackend, make_backend
 from .index import CacheIndex
 from .policy import S3FIFO
-from .records import ObjectRecord, checksum_headers, wants_checksums
+from .records import ObjectRecord, checksum_headers, response_headers, wants_checksums
 
 log = logging.getLogger("sprox.cache")
 
@@ -82,11 +82,12 @@ class CachedAnswer:
 @dataclass(slots=True)
 class HitPlan:
     """A hit answered at once: `length` bytes of the record's file from `offset`
-    (`fd` is -1 when there is no body to send: HEAD, or an empty object).
-    `headers` are the record's response headers, rendered (`name: value\r\n` each)."""
+    (`fd` is -1 when there is no body to send: HEAD, or an empty object), with the
+    record's response headers, and its checksum headers when `with_checksums` (a full
+    read that asked for them). The front end renders them (sprox/hithead.py)."""
 
     status: int
-    headers: bytes
+    with_checksums: bool
     content_range: str | None
     length: int
     record: ObjectRecord
@@ -437,7 +438,7 @@ class ObjectCache:
         """(status, first byte, last byte, headers) of an answer from `record`; raises
         like `_span`."""
         status, first, last, ranged = cls._span(request, record, range_header)
-        headers = _record_headers(record)
+        headers = response_headers(record)
         if status == 200 and record.checksums and wants_checksums(request.headers):
             headers.extend(record.checksums)
         conditions.apply_response_overrides(request.query, headers)
@@ -472,32 +473,19 @@ class ObjectCache:
             status, first, last, ranged = self._span(request, record, request.headers.get("Range"))
         except errors.S3Error:
             return None
-        rendered, with_checksums = self.hit_templates(record)
-        if status == 200 and wants_checksums(request.headers):
-            if with_checksums is None:
-                return None  # the general path asks the origin for them
-            rendered = with_checksums
+        with_checksums = status == 200 and wants_checksums(request.headers)
+        if with_checksums and record.checksums is None:
+            return None  # the general path asks the origin for them
         length = last - first + 1
         if request.method == "HEAD" or length == 0:
-            return HitPlan(status, rendered, ranged, length, record, -1, first, ())
+            return HitPlan(status, with_checksums, ranged, length, record, -1, first, ())
         first_block, last_block = block_span(first, last, record.block_size)
         inflight = self._inflight
         for i in range(first_block, last_block + 1):
             if not record.has(i) or record.is_unverified(i) or (record.id, i) in inflight:
                 return None
         blocks = tuple((record.id, i) for i in range(first_block, last_block + 1))
-        return HitPlan(status, rendered, ranged, length, record, self.files.acquire(record), first, blocks)
-
-    @staticmethod
-    def hit_templates(record: ObjectRecord) -> tuple[bytes, bytes | None]:
-        """The record's response headers rendered (`name: value\r\n` each), without and
-        with its checksum headers (None while they are not known). Rendered once per
-        record: a hit then costs no header dictionary at all."""
-        if record.rendered is None:
-            record.rendered = _render(_record_headers(record).items())
-        if record.checksums is not None and record.rendered_with_checksums is None:
-            record.rendered_with_checksums = _render(_record_headers(record).items(), record.checksums)
-        return record.rendered, record.rendered_with_checksums if record.checksums is not None else None
+        return HitPlan(status, with_checksums, ranged, length, record, self.files.acquire(record), first, blocks)
 
     def note_kernel_hits(self, hits: int, blocks: list[tuple[int, int, int]]) -> None:
         """Hits the kernel answered (drained from its ring): count them, and tell the
@@ -824,25 +812,9 @@ class ObjectCache:
         return self.policy.used
 
 
-def _render(*header_lists) -> bytes:
-    return "".join(f"{name}: {value}\r\n" for headers in header_lists for name, value in headers).encode()
-
-
 def _asks_full_checksums(request: S3Request) -> bool:
     """A read whose answer (a 200, with no Range) carries the checksums it asks for."""
     return "Range" not in request.headers and wants_checksums(request.headers)
-
-
-def _record_headers(record: ObjectRecord) -> CIMultiDict:
-    """The headers every answer from `record` carries (before Range and overrides)."""
-    headers = CIMultiDict(record.headers)
-    headers["ETag"] = record.etag
-    if record.last_modified:
-        headers["Last-Modified"] = record.last_modified
-    headers["Accept-Ranges"] = "bytes"
-    if "Content-Type" not in headers:
-        headers["Content-Type"] = "binary/octet-stream"  # S3's default
-    return headers
 
 
 @functools.lru_cache(maxsize=65536)

@@ -37,8 +37,9 @@ class StubFrontEnd:
 
     def try_hit(self, method, target, headers):
         self.asked.set()  # the lane sends the answer right after this returns
-        plan = HitPlan(200, b"Content-Type: binary/octet-stream\r\n", None, len(BODY), None, self.fd, 0, ())
-        return SimpleNamespace(plan=plan, body=None, request=SimpleNamespace(request_id="0" * 16),
+        plan = HitPlan(200, False, None, len(BODY), None, self.fd, 0, ())
+        return SimpleNamespace(plan=plan, head=b"Content-Type: binary/octet-stream\r\n", body=None,
+                               request=SimpleNamespace(request_id="0" * 16), request_id="0" * 16,
                                finished=self.finished.append)
 
 
