@@ -498,10 +498,14 @@ class KernelHitRest:
 
     def __init__(self, frontend: FrontEnd, pending: tuple) -> None:
         (self.head, record_id, self.offset, self.remaining, self.first_block, self.last_block,
-         self._log_state, self.length) = pending
+         self._token, self.length) = pending
         self.frontend = frontend
         self.request_id = "(kernel)"
-        held = frontend.cache.hold_blocks(record_id, self.first_block, self.last_block)
+        try:
+            held = frontend.cache.hold_blocks(record_id, self.first_block, self.last_block)
+        except BaseException:
+            frontend.kernel.drop_pending(self._token)
+            raise
         # (The record cannot be gone: this runs in the callback that planned the hit.)
         self.record, self.fd = held if held is not None else (None, -1)
         self.already_sent = self.length - self.remaining
@@ -510,10 +514,7 @@ class KernelHitRest:
         if self.record is not None:
             self.frontend.cache.release_blocks(self.record, self.first_block, self.last_block)
             self.record = None
-        # The log state holds references the kernel gives back once: log it only once.
-        state, self._log_state = self._log_state, None
-        if state is not None:
-            self.frontend.kernel.log_pending(state, bytes_sent)
+        self.frontend.kernel.log_pending(self._token, bytes_sent)  # (a token is logged once)
 
 
 class _Served:

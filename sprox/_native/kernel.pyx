@@ -735,6 +735,8 @@ cdef class HitKernel:
     cdef int64_t _pending_length  # the whole body's
     cdef LogRecord _pending_log
     cdef bint _has_pending
+    cdef dict _pending_states  # token -> the LogRecord of an answer the Python lane finishes
+    cdef uint64_t _pending_token
     # Counters (read by the metrics).
     cdef public uint64_t hits
     cdef public uint64_t bytes_sent
@@ -768,6 +770,7 @@ cdef class HitKernel:
         self._domain = (domain or "").lower().encode("ascii")
         self._key_names = []
         self._agent_names = []
+        self._pending_states = {}
         cdef bytes prefix = request_id_prefix.encode("ascii")
         if len(prefix) != 8:
             raise ValueError("request_id_prefix: 8 characters")
@@ -813,6 +816,11 @@ cdef class HitKernel:
             free(self._ring)
         if self._has_pending:
             _release_log(&self._pending_log)
+        cdef LogRecord r
+        if self._pending_states:
+            for state in self._pending_states.values():
+                memcpy(&r, PyBytes_AS_STRING(state), sizeof(LogRecord))
+                _release_log(&r)
         free(self._keys)
 
     # -- the mirror (kept by sprox.cache.mirror) --------------------------------------------
@@ -965,24 +973,36 @@ cdef class HitKernel:
 
     def take_pending(self):
         """What is left of the last PARTIAL answer: (bytes of the rendered answer not
-        yet sent, record id, file offset, file bytes left, first block, last block, log
-        state, the body's length). The Python lane pins the blocks, sends the rest and
-        calls `log_pending(log state, body bytes sent)`, whatever happens."""
+        yet sent, record id, file offset, file bytes left, first block, last block, a
+        token, the body's length). The Python lane pins the blocks, sends the rest and
+        calls `log_pending(token, body bytes sent)`, or `drop_pending(token)`."""
         if not self._has_pending:
             raise RuntimeError("no partial answer")
         self._has_pending = False
-        state = PyBytes_FromStringAndSize(<char *>&self._pending_log, sizeof(LogRecord))
-        # The state's bucket and key references move into the bytes: log_pending or
-        # drop_pending gives them back.
+        # The record (with its bucket and key references) waits here, under a token:
+        # Python never holds the pointers, and a token is used at most once.
+        self._pending_token += 1
+        self._pending_states[self._pending_token] = PyBytes_FromStringAndSize(
+            <char *>&self._pending_log, sizeof(LogRecord))
         return (self._out[self._pending_head_at:self._pending_head_end], self._pending_log.record_id,
                 self._pending_offset, self._pending_remaining, self._pending_log.first_block,
-                self._pending_log.last_block, state, self._pending_length)
+                self._pending_log.last_block, self._pending_token, self._pending_length)
 
-    def log_pending(self, bytes state, int64_t total_sent):
-        """Log a continued answer, `total_sent` body bytes in all."""
+    def drop_pending(self, token):
+        """Forget a continued answer without logging it."""
         cdef LogRecord r
-        if len(state) != sizeof(LogRecord):
-            raise ValueError("not a log state")
+        state = self._pending_states.pop(token, None)
+        if state is not None:
+            memcpy(&r, PyBytes_AS_STRING(state), sizeof(LogRecord))
+            _release_log(&r)
+
+    def log_pending(self, token, int64_t total_sent):
+        """Log a continued answer, `total_sent` body bytes in all; False if the token
+        was used already (or never given)."""
+        cdef LogRecord r
+        state = self._pending_states.pop(token, None)
+        if state is None:
+            return False
         memcpy(&r, PyBytes_AS_STRING(state), sizeof(LogRecord))
         r.bytes_sent = total_sent
         r.seconds = _now(CLOCK_MONOTONIC) - r.seconds  # (seconds held the start)
@@ -998,7 +1018,7 @@ cdef class HitKernel:
 
     # -- serving ---------------------------------------------------------------------------
 
-    def scan(self, bytes data):
+    def scan(self, bytes data not None):
         """For tests: (method, target, [(name, value), ...]) as the strict scanner read
         `data`, or None where it hands the head to llhttp."""
         cdef const char *buf = PyBytes_AS_STRING(data)
@@ -1009,7 +1029,7 @@ cdef class HitKernel:
                 [(buf[h.names[i].at:h.names[i].at + h.names[i].n],
                   buf[h.values[i].at:h.values[i].at + h.values[i].n]) for i in range(h.count)])
 
-    def check_signature(self, bytes data, double now):
+    def check_signature(self, bytes data not None, double now):
         """For tests: the access key id whose signature the head in `data` carries, as
         serve() checks it at time `now`; None where serve() declines."""
         cdef Head h
@@ -1023,7 +1043,7 @@ cdef class HitKernel:
         return self._key_names[slot] if slot >= 0 else None
 
     @staticmethod
-    def resolve_range(bytes value, int64_t size):
+    def resolve_range(bytes value not None, int64_t size):
         """For tests: (first, last) of a Range value as serve() reads it, or None where
         it leaves the header to the Python lane."""
         cdef int64_t first = 0, last = 0
@@ -1034,6 +1054,8 @@ cdef class HitKernel:
     cpdef int serve(self, int sock_fd, bytes data, bint use_sendfile) except -1:
         """Answer the request in `data` (the whole of what the socket gave, with nothing
         before it pending) if it is a hit; see the module docstring."""
+        if data is None:
+            raise TypeError("data must be bytes, not None")
         cdef const char *buf = PyBytes_AS_STRING(data)
         cdef Py_ssize_t n = PyBytes_GET_SIZE(data)
         cdef Head *h = &self._head
@@ -1075,18 +1097,26 @@ cdef class HitKernel:
         return self._answer(sock_fd, buf, h, e, key_slot, use_sendfile, started_at, started)
 
     cdef bint _virtual_host(self, const char *buf, Head *h) noexcept:
-        """Whether Host names a bucket under --domain (the bucket is then not in the path)."""
-        cdef Py_ssize_t dn = len(self._domain), hn, i
+        """Whether Host may name a bucket under --domain (the bucket is then not in the
+        path): as parse_request reads it, or any host it reads otherwise (an IPv6
+        literal, several colons), so that the kernel declines those."""
+        cdef Py_ssize_t dn = len(self._domain), hn, i, colons = 0, colon = -1
         cdef const char *domain = self._domain
         if h.host < 0:
             return False
         cdef const char *host = buf + h.values[h.host].at
         hn = h.values[h.host].n
-        for i in range(hn):  # without the port
+        if hn and host[0] == c'[':
+            return True
+        for i in range(hn):
             if host[i] == c':':
-                hn = i
-                break
-        if hn <= dn + 1 or host[hn - dn - 1] != c'.':
+                colons += 1
+                colon = i
+        if colons > 1:
+            return True
+        if colons == 1:
+            hn = colon  # without the port
+        if hn < dn + 1 or host[hn - dn - 1] != c'.':
             return False
         return _same_lower(host + hn - dn, domain, dn)
 
@@ -1125,8 +1155,7 @@ cdef class HitKernel:
         cdef char *c = self._canonical
         cdef Py_ssize_t o, i, name_start, name_n
         cdef int found, j, found_index
-        cdef bint has_host = False
-        cdef int signed_amz = 0
+        cdef bint has_host = False, date_signed = False, checksum_mode_signed = False
         if path.n + query.n + 8 > CANONICAL_BYTES:
             return -1
         o = _put(c, 0, b"GET\n" if h.method == 1 else b"HEAD\n", 4 if h.method == 1 else 5)
@@ -1144,9 +1173,10 @@ cdef class HitKernel:
             i += 1
             if name_n == 4 and memcmp(f.signed + name_start, b"host", 4) == 0:
                 has_host = True
-            if name_n >= 6 and memcmp(f.signed + name_start, b"x-amz-", 6) == 0 and not (
-                    name_n == 20 and memcmp(f.signed + name_start, b"x-amz-content-sha256", 20) == 0):
-                signed_amz += 1
+            elif name_n == 10 and memcmp(f.signed + name_start, b"x-amz-date", 10) == 0:
+                date_signed = True
+            elif name_n == 19 and memcmp(f.signed + name_start, b"x-amz-checksum-mode", 19) == 0:
+                checksum_mode_signed = True
             found = 0
             found_index = -1
             for j in range(h.count):
@@ -1167,8 +1197,9 @@ cdef class HitKernel:
         if not has_host:
             return -1
         # The x-amz-* headers sent, other than x-amz-content-sha256 (only x-amz-date and
-        # x-amz-checksum-mode get this far): each must be among the signed ones.
-        if (h.amz_date >= 0) + (h.checksum_mode >= 0) != signed_amz:
+        # x-amz-checksum-mode get this far): each must be among the signed ones (a name
+        # signed twice counts once).
+        if (h.amz_date >= 0 and not date_signed) or (h.checksum_mode >= 0 and not checksum_mode_signed):
             return -1
         if o + 1 + f.signed_n + 1 + f.payload_n > CANONICAL_BYTES:
             return -1
@@ -1521,6 +1552,8 @@ cdef class HitKernel:
                        int64_t remaining, int64_t sent_body, double started) noexcept:
         """Keep what is left to send for take_pending(); the record moves out of the ring
         (it is logged when the Python lane has sent the rest)."""
+        if self._has_pending:  # (never: the lane takes each one at once)
+            _release_log(&self._pending_log)
         self._pending_log = r[0]
         self._pending_log.bytes_sent = sent_body
         self._pending_log.seconds = started  # log_pending turns it into the duration

@@ -368,8 +368,10 @@ def _parse_amz_date(value: str) -> float | None:
 class SignatureVerifier:
     """Checks SigV4 and SigV2 signatures against a table of access key id → secret key.
 
-    `keys` is read on every request, so a caller may swap secrets in place. `clock`
-    returns the current time in epoch seconds (tests pass a fixed one)."""
+    `keys` must not change once a server runs with it: the hit kernel copies the
+    secrets when it is made (`kernel_keys`), and an entry it mirrors stays readable by
+    the keys that read it. `clock` returns the current time in epoch seconds (tests
+    pass a fixed one)."""
 
     def __init__(
         self,

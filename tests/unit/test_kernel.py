@@ -592,7 +592,7 @@ def test_an_answer_the_socket_cannot_take_is_left_to_the_python_lane(block_file)
         kernel.install("bucket", "key", rec, block_file, 1e12, TEMPLATE, None, -1)
         done = kernel.serve(server.fileno(), b"GET /bucket/key HTTP/1.1\r\n\r\n", True)
         assert done == sprox.kernel.PARTIAL
-        rest, record_id, offset, remaining, first_block, last_block, state, length = kernel.take_pending()
+        rest, record_id, offset, remaining, first_block, last_block, token, length = kernel.take_pending()
         assert (record_id, first_block, last_block, length) == (3, 0, 3, len(DATA))
         assert kernel.drain() == ([], [])  # logged once the rest is sent
         received = bytearray()
@@ -610,9 +610,53 @@ def test_an_answer_the_socket_cannot_take_is_left_to_the_python_lane(block_file)
         reader.join(timeout=30)
         assert not reader.is_alive()
         assert split(bytes(received))[2] == DATA
-        kernel.log_pending(state, len(DATA))
+        assert kernel.log_pending(token, len(DATA)) is True
+        assert kernel.log_pending(token, len(DATA)) is False  # once only
         (logged,), _ = kernel.drain()
         assert logged[7] == len(DATA) and logged[3:5] == ("bucket", "key")
     finally:
         server.close()
         client.close()
+
+
+@needs_kernel
+def test_a_name_signed_twice_does_not_cover_an_unsigned_header() -> None:
+    """SignedHeaders listing x-amz-date twice, with x-amz-checksum-mode sent unsigned:
+    the full verifier refuses it (HeadersNotSigned), and so must the kernel."""
+    import hashlib
+    import hmac
+
+    timestamp = SIGNED_AT.strftime("%Y%m%dT%H%M%SZ")
+    names = "host;x-amz-content-sha256;x-amz-date;x-amz-date"
+    canonical = "\n".join(["GET", "/bucket/key", "", "host:127.0.0.1:9000", "x-amz-content-sha256:UNSIGNED-PAYLOAD",
+                           f"x-amz-date:{timestamp}", f"x-amz-date:{timestamp}", "", names, "UNSIGNED-PAYLOAD"])
+    scope = f"{timestamp[:8]}/us-east-1/s3/aws4_request"
+    to_sign = "\n".join(["AWS4-HMAC-SHA256", timestamp, scope, hashlib.sha256(canonical.encode()).hexdigest()])
+    key = ("AWS4" + SECRET_KEY).encode()
+    for part in (timestamp[:8], "us-east-1", "s3", "aws4_request"):
+        key = hmac.new(key, part.encode(), hashlib.sha256).digest()
+    signature = hmac.new(key, to_sign.encode(), hashlib.sha256).hexdigest()
+    headers = [("Host", "127.0.0.1:9000"), ("x-amz-content-sha256", "UNSIGNED-PAYLOAD"), ("x-amz-date", timestamp),
+               ("Authorization", f"AWS4-HMAC-SHA256 Credential={ACCESS_KEY}/{scope}, SignedHeaders={names}, "
+                                 f"Signature={signature}")]
+    assert new_kernel().check_signature(head_bytes("GET", "/bucket/key", headers), NOW) == ACCESS_KEY
+    unsigned = headers + [("x-amz-checksum-mode", "ENABLED")]
+    assert full_verdict("GET", "/bucket/key", unsigned) is None
+    assert new_kernel().check_signature(head_bytes("GET", "/bucket/key", unsigned), NOW) is None
+
+
+@needs_kernel
+def test_hosts_that_may_name_a_bucket_under_the_domain_are_declined(block_file) -> None:
+    kernel = new_kernel(keys=None, domain="example.com")
+    kernel.install("bkt", "key", record(), block_file, 1e12, TEMPLATE, None, -1)
+    for host, answered in (("localhost:9000", True), ("example.com", True), ("EXAMPLE.com:80", True),
+                           ("bkt.example.com", False), ("bkt.Example.COM:9000", False), (".example.com", False),
+                           ("x:y:b.example.com", False), ("[::1]:9000", False)):
+        done, _ = answer(kernel, f"GET /bkt/key HTTP/1.1\r\nHost: {host}\r\nRange: bytes=0-1\r\n\r\n".encode())
+        assert done == (sprox.kernel.SENT if answered else sprox.kernel.DECLINED), host
+
+
+@needs_kernel
+def test_the_kernel_refuses_none_for_bytes() -> None:
+    with pytest.raises(TypeError):
+        new_kernel().serve(0, None, True)
