@@ -51,6 +51,22 @@ def _set_once(future: asyncio.Future) -> None:
         future.set_result(None)
 
 
+def sendfile_now(sock_fd: int, file_fd: int, offset: int, count: int) -> int:
+    """sendfile(2) until `count` bytes are sent or the socket is full; returns the bytes
+    sent. `sock_fd` must be Sprox's own duplicate of the socket (see sendfile_all).
+    EOFError when the file ends first."""
+    sent = 0
+    while sent < count:
+        try:
+            n = os.sendfile(sock_fd, file_fd, offset + sent, count - sent)
+        except BlockingIOError:
+            break
+        if n == 0:
+            raise EOFError("file shorter than the span to send")
+        sent += n
+    return sent
+
+
 async def sendfile_all(sock_fd: int, file_fd: int, offset: int, count: int,
                        closing: Callable[[], bool]) -> None:
     """sendfile(2) `count` bytes of `file_fd` from `offset` to a socket a transport
@@ -68,20 +84,17 @@ async def sendfile_all(sock_fd: int, file_fd: int, offset: int, count: int,
         while count > 0:
             if closing():
                 raise ConnectionResetError("client went away")
-            try:
-                sent = os.sendfile(own, file_fd, offset, count)
-            except BlockingIOError:
+            sent = sendfile_now(own, file_fd, offset, count)
+            offset += sent
+            count -= sent
+            if sent:
+                quiet_since = loop.time()
+            elif count > 0:  # the socket is full
                 if loop.time() - quiet_since >= SEND_TIMEOUT_SECONDS:
-                    raise TimeoutError("the client took no bytes for too long") from None
+                    raise TimeoutError("the client took no bytes for too long")
                 try:  # wake at least every second to notice the transport closing
                     await _watch_writable(own, None, CLOSING_CHECK_SECONDS)
                 except TimeoutError:
                     pass
-                continue
-            if sent == 0:
-                raise EOFError("file shorter than the span to send")
-            offset += sent
-            count -= sent
-            quiet_since = loop.time()
     finally:
         os.close(own)

@@ -46,7 +46,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from sprox.s3 import errors
 from sprox.s3.request import new_request_id, split_target
-from sprox.sockets import SEND_TIMEOUT_SECONDS, wait_writable
+from sprox.sockets import SEND_TIMEOUT_SECONDS, sendfile_now, wait_writable
 
 log = logging.getLogger("sprox.lane")
 
@@ -510,7 +510,7 @@ class Connection(asyncio.Protocol):
                 except BlockingIOError:  # the socket is full: all of it waits below
                     sent_head = 0
                 if sent_head == len(head):
-                    sent = _sendfile_now(self.sock_fd, plan.fd, offset, length)
+                    sent = sendfile_now(self.sock_fd, plan.fd, offset, length)
             except (OSError, EOFError) as exc:
                 self._cut_short(hit, exc)
                 hit.finished(0)
@@ -602,7 +602,7 @@ class Connection(asyncio.Protocol):
         while True:
             if self.closed:
                 raise ConnectionResetError("client went away")
-            sent += _sendfile_now(self.sock_fd, fd, offset + sent, count - sent)
+            sent += sendfile_now(self.sock_fd, fd, offset + sent, count - sent)
             if sent == count:
                 return sent
             await self._wait_writable()
@@ -802,20 +802,6 @@ class Connection(asyncio.Protocol):
     def inner_close(self) -> None:
         if self.transport is not None:
             self.transport.close()
-
-
-def _sendfile_now(sock_fd: int, fd: int, offset: int, count: int) -> int:
-    """sendfile(2) until done or the socket is full; returns the bytes sent."""
-    sent = 0
-    while sent < count:
-        try:
-            n = os.sendfile(sock_fd, fd, offset + sent, count - sent)
-        except BlockingIOError:
-            break
-        if n == 0:
-            raise EOFError("block file shorter than its index says")
-        sent += n
-    return sent
 
 
 class _AiohttpLane(RequestHandler):
