@@ -498,7 +498,7 @@ class KernelHitRest:
 
     def __init__(self, frontend: FrontEnd, pending: tuple) -> None:
         (self.head, record_id, self.offset, self.remaining, self.first_block, self.last_block,
-         self._token, self.length) = pending
+         self._token, self.length, self.close) = pending
         self.frontend = frontend
         self.request_id = "(kernel)"
         try:

@@ -345,6 +345,8 @@ class Connection(asyncio.Protocol):
         elif done == KERNEL_PARTIAL:
             # The socket took part of it: the rest waits for it here, blocks pinned.
             rest = self.frontend.kernel_rest(self.server.kernel.take_pending())
+            if rest.close:
+                self.no_more = True  # (the connection closes once it is sent: _pump)
             self.busy = True
             task = self.loop.create_task(self._send_large(rest, rest.fd, rest.head, rest.offset, rest.remaining,
                                                           rest.already_sent))

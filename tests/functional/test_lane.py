@@ -263,6 +263,27 @@ def test_http_10_and_connection_close_end_the_connection(lane):
         assert client.closed()  # the request after `Connection: close` is not answered
 
 
+def test_connection_close_after_a_large_answer_ends_the_connection(lane):
+    """A whole 3 MiB object asked with Connection: close by a client with a small receive
+    buffer: all of it, then the close. (An answer the socket cannot take at once, the
+    kernel's PARTIAL, is forced in-process: tests/unit/test_lane_io.py.)"""
+    path = f"/{BUCKET}/lane/large"
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)
+        sock.settimeout(TIMEOUT)
+        sock.connect(("127.0.0.1", lane.port))
+        sock.sendall(raw("GET", path, {**sign(lane.port, "GET", path), "Connection": "close"}))
+        received = bytearray()
+        while chunk := sock.recv(65536):  # until the server closes (a timeout fails the test)
+            received += chunk
+    finally:
+        sock.close()
+    head, _, body = bytes(received).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ") and b"\r\nConnection: close" in head
+    assert body == LARGE
+
+
 # -- one parser: smuggling and malformed requests -------------------------------------------------
 
 SMUGGLED = b"GET /lane/lane/small HTTP/1.1\r\nHost: x\r\n\r\n"

@@ -592,8 +592,8 @@ def test_an_answer_the_socket_cannot_take_is_left_to_the_python_lane(block_file)
         kernel.install("bucket", "key", rec, block_file, 1e12, TEMPLATE, None, -1)
         done = kernel.serve(server.fileno(), b"GET /bucket/key HTTP/1.1\r\n\r\n", True)
         assert done == sprox.kernel.PARTIAL
-        rest, record_id, offset, remaining, first_block, last_block, token, length = kernel.take_pending()
-        assert (record_id, first_block, last_block, length) == (3, 0, 3, len(DATA))
+        rest, record_id, offset, remaining, first_block, last_block, token, length, close = kernel.take_pending()
+        assert (record_id, first_block, last_block, length, close) == (3, 0, 3, len(DATA), False)
         assert kernel.drain() == ([], [])  # logged once the rest is sent
         received = bytearray()
 

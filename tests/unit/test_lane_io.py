@@ -477,3 +477,78 @@ def test_a_client_that_takes_none_of_an_aiohttp_answer_is_cut_off(module, monkey
     elapsed = asyncio.run(run())
     assert outcome != ["finished"] and outcome
     assert elapsed >= 0.5
+
+
+class KernelFrontEnd:
+    """A front end whose hit kernel (real, compiled) holds one object, BODY at /b/k;
+    the Python lane's own try_hit answers nothing."""
+
+    use_sendfile = True
+
+    def __init__(self, fd: int) -> None:
+        from sprox.kernel import HitKernel
+
+        self.kernel = HitKernel(None, 900.0, None, "0123ABCD")
+        record = SimpleNamespace(id=1, size=len(BODY), block_size=len(BODY), present=bytearray(b"\x01"),
+                                 unverified=bytearray(1))
+        self.kernel.install("b", "k", record, fd, 1e12, b"Content-Type: binary/octet-stream\r\n", None, -1)
+        self.held: list[str] = []
+        self.cache = SimpleNamespace(hold_blocks=lambda *span: (self.held.append("held") or record, fd),
+                                     release_blocks=lambda *span: self.held.append("released"))
+
+    def try_hit(self, method, target, headers):
+        return None
+
+    def kernel_rest(self, pending):
+        from sprox.frontend import KernelHitRest
+
+        return KernelHitRest(self, pending)
+
+    def drain_kernel(self) -> None:
+        pass
+
+
+@pytest.mark.skipif(os.environ.get("SPROX_NO_EXTENSIONS") == "1", reason="the kernel is not built")
+@pytest.mark.parametrize("module", LANES)
+def test_a_kernel_answer_the_socket_cannot_take_is_finished_then_the_connection_closed(tmp_path, module):
+    """The kernel meets a full socket (PARTIAL): the lane sends the rest with the blocks
+    held, logs it once, and honours the client's Connection: close after it."""
+    lane = importlib.import_module(module)
+    path = tmp_path / "body"
+    path.write_bytes(BODY)
+    fd = os.open(path, os.O_RDONLY)
+    server_sock, client_sock = socket.socketpair()
+    try:
+        server_sock.setblocking(False)
+        filler = 0
+        for size in (65536, 4096, 256, 1):  # fill the server's side until the kernel takes nothing more
+            while True:
+                try:
+                    filler += server_sock.send(b"f" * size)
+                except BlockingIOError:
+                    break
+        frontend = KernelFrontEnd(fd)
+
+        async def run() -> bytes:
+            loop = asyncio.get_running_loop()
+            server = lane.LaneServer(None, frontend)
+            await loop.connect_accepted_socket(server, sock=server_sock)
+            client_sock.setblocking(False)
+            await loop.sock_sendall(client_sock, b"GET /b/k HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            received = bytearray()
+            while True:  # the filler, the answer, then the close (a hang fails the wait)
+                piece = await asyncio.wait_for(loop.sock_recv(client_sock, 65536), 10)
+                if not piece:
+                    return bytes(received[filler:])
+                received += piece
+
+        answer = asyncio.run(run())
+    finally:
+        client_sock.close()
+        os.close(fd)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 OK\r\n") and b"\r\nConnection: close" in head
+    assert body == BODY
+    assert frontend.kernel.partials == 1 and frontend.held == ["held", "released"]
+    (logged,), _ = frontend.kernel.drain()
+    assert logged[7] == len(BODY)
