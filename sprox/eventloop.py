@@ -3,10 +3,11 @@ dependency on CPython) with `--event-loop uvloop`. Chosen once, here; the rest o
 code base works on either, and the lane's tests run on both.
 
 Why the standard loop is the default: under 1,000 connections over
-`--max-connections`, uvloop reset some of the refused connections instead of letting
-their 503 SlowDown be read (after `write_eof()` on a busy loop;
-tests/functional/test_connections.py, reproduced outside Sprox), which the standard
-loop never did. What uvloop saves: with the hit kernel answering hits, the loop is a
+`--max-connections` (tests/functional/test_connections.py), uvloop resets some
+connections, refused ones before their 503 SlowDown is read and, rarely, served ones
+before their first answer (ConnectionResetError on the client; reproduced outside
+Sprox). Re-measured on 2026-12-02 with the hit kernel: 1 run in 10 failed that way (32
+connections reset), where the standard loop never has. What uvloop saves: with the hit kernel answering hits, the loop is a
 good part of what is left of a hit's CPU, and uvloop took a 4 KiB hit from 19-20 us to
 16-17.6 us (measured back to back, 16 connections; README "Benchmarks"). Before the
 kernel, the hit path's own Python work dominated and uvloop saved nothing."""
