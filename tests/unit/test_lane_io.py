@@ -43,6 +43,20 @@ class StubFrontEnd:
                                finished=self.finished.append)
 
 
+def fill(server_sock: socket.socket) -> int:
+    """Make `server_sock` non-blocking and fill it until the kernel takes nothing more;
+    returns the bytes of filler the client will read first."""
+    server_sock.setblocking(False)
+    filler = 0
+    for size in (65536, 4096, 256, 1):
+        while True:
+            try:
+                filler += server_sock.send(b"f" * size)
+            except BlockingIOError:
+                break
+    return filler
+
+
 @pytest.mark.parametrize("module", LANES)
 def test_headers_due_on_a_full_socket_wait_for_it(tmp_path, module):
     lane = importlib.import_module(module)
@@ -51,14 +65,7 @@ def test_headers_due_on_a_full_socket_wait_for_it(tmp_path, module):
     fd = os.open(path, os.O_RDONLY)
     server_sock, client_sock = socket.socketpair()
     try:
-        server_sock.setblocking(False)
-        filler = 0
-        for size in (65536, 4096, 256, 1):  # fill the server's side until the kernel takes nothing more
-            while True:
-                try:
-                    filler += server_sock.send(b"f" * size)
-                except BlockingIOError:
-                    break
+        filler = fill(server_sock)
         frontend: StubFrontEnd | None = None
 
         async def run() -> bytes:
@@ -519,14 +526,7 @@ def test_a_kernel_answer_the_socket_cannot_take_is_finished_then_the_connection_
     fd = os.open(path, os.O_RDONLY)
     server_sock, client_sock = socket.socketpair()
     try:
-        server_sock.setblocking(False)
-        filler = 0
-        for size in (65536, 4096, 256, 1):  # fill the server's side until the kernel takes nothing more
-            while True:
-                try:
-                    filler += server_sock.send(b"f" * size)
-                except BlockingIOError:
-                    break
+        filler = fill(server_sock)
         frontend = KernelFrontEnd(fd)
 
         async def run() -> bytes:
