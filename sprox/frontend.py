@@ -484,10 +484,6 @@ class FastHit:
     def request_id(self) -> str:
         return self.request.request_id
 
-    @property
-    def fd(self) -> int:
-        return self.plan.fd
-
     def finished(self, bytes_sent: int) -> None:
         self.frontend.hit_sent(self, bytes_sent)
 
