@@ -40,7 +40,6 @@ compiler or libcrypto) the Python lane (`FrontEnd.try_hit`) answers every hit, w
 the same bytes; the tests run both builds and compare.
 """
 
-from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE, PyBytes_FromStringAndSize
 from cpython.ref cimport Py_INCREF, Py_XDECREF, PyObject
 from libc.errno cimport EAGAIN, EINTR, errno
@@ -67,6 +66,16 @@ cdef extern from *:
     int SHA1_Init(SHA_CTX *c) nogil
     int SHA1_Update(SHA_CTX *c, const void *data, size_t length) nogil
     int SHA1_Final(unsigned char *md, SHA_CTX *c) nogil
+
+cdef extern from *:
+    """
+    #define sprox_bytearray_size(o) PyByteArray_GET_SIZE((PyObject *)(o))
+    #define sprox_bytearray_data(o) PyByteArray_AS_STRING((PyObject *)(o))
+    """
+    # The record's bitmaps, read through the entry's borrowed pointers: no reference
+    # counting on the hit path (the entry owns a reference to each).
+    Py_ssize_t sprox_bytearray_size(PyObject *o) nogil
+    char *sprox_bytearray_data(PyObject *o) nogil
 
 cdef extern from "<string.h>" nogil:
     const void *memchr(const void *s, int c, size_t n)
@@ -129,6 +138,7 @@ DEF MAX_BUCKETS = 32  # latency histogram bounds (sprox.metrics.LATENCY_BUCKETS)
 DEF COALESCE_MAX = 16384  # bodies up to this leave in one send with their head
 
 cdef const char *DAYS = b"SunMonTueWedThuFriSat"
+cdef const char *HEX_UPPER = b"0123456789ABCDEF"
 cdef const char *MONTHS = b"JanFebMarAprMayJunJulAugSepOctNovDec"
 
 
@@ -705,6 +715,7 @@ cdef class HitKernel:
     cdef bint _auth
     cdef double _max_skew
     cdef bytes _domain  # lower-case, b"" for none
+    cdef bint _has_domain
     cdef KeySlot *_keys
     cdef int _key_count
     cdef list _key_names  # access key ids (str) by slot, for the log
@@ -769,6 +780,7 @@ cdef class HitKernel:
         self._record_type = record_type if record_type is not None else _fields
         self._max_skew = max_skew_seconds
         self._domain = (domain or "").lower().encode("ascii")
+        self._has_domain = len(self._domain) > 0
         self._key_names = []
         self._agent_names = []
         self._pending_states = {}
@@ -1085,7 +1097,7 @@ cdef class HitKernel:
         cdef const char *slash = <const char *>memchr(name, c'/', name_len)
         if slash is NULL or slash == name or slash == name + name_len - 1:
             return _DECLINED  # a bucket (or no key): not an object read
-        if self._domain and self._virtual_host(buf, h):
+        if self._has_domain and self._virtual_host(buf, h):
             return _DECLINED
         if self._auth:
             key_slot = self._verify(buf, h, path, query, started_at)
@@ -1412,11 +1424,11 @@ cdef class HitKernel:
         if body:
             first_block = first // e.block_size
             last_block = last // e.block_size
-            if PyByteArray_GET_SIZE(<object>e.present) * 8 <= last_block \
-                    or PyByteArray_GET_SIZE(<object>e.unverified) * 8 <= last_block:
+            if sprox_bytearray_size(e.present) * 8 <= last_block \
+                    or sprox_bytearray_size(e.unverified) * 8 <= last_block:
                 return _DECLINED
-            present = PyByteArray_AS_STRING(<object>e.present)
-            unverified = PyByteArray_AS_STRING(<object>e.unverified)
+            present = sprox_bytearray_data(e.present)
+            unverified = sprox_bytearray_data(e.unverified)
             for i in range(first_block, last_block + 1):
                 if not (present[i >> 3] >> (i & 7)) & 1 or (unverified[i >> 3] >> (i & 7)) & 1:
                     return _DECLINED
@@ -1617,7 +1629,7 @@ cdef class HitKernel:
         self._id_counter += 1
         memcpy(out, self._id_prefix, 8)
         for i in range(8):
-            out[15 - i] = b"0123456789ABCDEF"[n & 15]
+            out[15 - i] = HEX_UPPER[n & 15]
             n >>= 4
 
 
