@@ -213,6 +213,7 @@ class Connection(asyncio.Protocol):
         self.read_resumed = 0.0  # loop time reading last resumed (a body's quiet time starts there at the latest)
         self.inner_wrote = False  # aiohttp wrote (part of) an answer since its last complete one
         self.refused = False  # over the connection limit: answered 503, never served
+        self.lingering = False  # answered an error; reading and dropping until closed
         # Bytes aiohttp wrote through us, and the last time the client was seen taking
         # some: aiohttp's drain() waits on a client that stops reading without a timeout.
         self.inner_written = 0
@@ -283,8 +284,8 @@ class Connection(asyncio.Protocol):
             self.inner.resume_writing()
 
     def eof_received(self):
-        if self.refused:
-            return False  # it has its 503: close
+        if self.refused or self.lingering:
+            return False  # it has its error answer: close
         # A client that half-closes after its last request still gets its answers; a
         # request it left incomplete never will be, so the connection closes after them.
         self.eof = True
@@ -708,7 +709,29 @@ class Connection(asyncio.Protocol):
 
     def _send_error_and_close(self, error: errors.S3Error) -> None:
         self.transport.write(self._error_bytes(error))
-        self.transport.close()
+        self._linger_then_close()
+
+    def _linger_then_close(self) -> None:
+        """Close once the client has had its answer: half-close now (the FIN follows the
+        answer), read and drop what it still sends, and close at its EOF or after
+        REFUSED_LINGER_SECONDS. Closing with its bytes unread would reset the
+        connection, and a reset can destroy the answer before the client reads it (an
+        over-long request line does exactly that). With aiohttp still holding a request
+        (its writes must fail at once), or when shutting down: closed at once."""
+        transport = self.transport
+        if self.lingering or self.closed:
+            return
+        if self.server.closing or self.inner_pending or not transport.can_write_eof():
+            transport.close()
+            return
+        self.lingering = True
+        transport.write_eof()
+        if self.paused_by:  # what arrives must be read (and dropped), not left unread
+            self.paused_by.clear()
+            transport.resume_reading()
+        if self.timer is not None:
+            self.timer.cancel()
+        self.timer = self.loop.call_later(REFUSED_LINGER_SECONDS, transport.close)
 
     def _check_within(self, delay: float) -> None:
         """Make sure _check_idle runs within `delay` seconds."""
