@@ -44,6 +44,7 @@ import httptools
 from aiohttp.web_protocol import RequestHandler
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from sprox import kernel as kernel_codes
 from sprox.s3 import errors
 from sprox.s3.request import new_request_id, split_target
 from sprox.sockets import SEND_TIMEOUT_SECONDS, sendfile_now, wait_writable
@@ -79,8 +80,11 @@ _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"  # aiohttp's interim answer: not th
 _TIMED_OUT = ("RequestTimeout", ("Your socket connection to the server was not read from or written to "
                                   "within the timeout period. Idle connections will be closed."), 400)
 _FRAMING = frozenset({b"content-length", b"transfer-encoding"})
-# What HitKernel.serve() did (sprox/_native/kernel.pyx; a test checks they agree).
-KERNEL_DECLINED, KERNEL_SENT, KERNEL_SENT_CLOSE, KERNEL_PARTIAL, KERNEL_FAILED, KERNEL_FAILED_FILE = range(6)
+# What HitKernel.serve() did: sprox/kernel.py names them (pure Python, so the twin
+# imports it too; a test checks they agree with the extension's).
+KERNEL_DECLINED, KERNEL_SENT, KERNEL_SENT_CLOSE, KERNEL_PARTIAL, KERNEL_FAILED, KERNEL_FAILED_FILE = (
+    kernel_codes.DECLINED, kernel_codes.SENT, kernel_codes.SENT_CLOSE, kernel_codes.PARTIAL, kernel_codes.FAILED,
+    kernel_codes.FAILED_FILE)
 # How soon after a kernel hit its ring is drained into the metrics and access log: soon,
 # so each drain is short (a few hundred records at most under load, well under a
 # millisecond) and never a pause the next requests feel.

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import socket
 import threading
-from datetime import datetime, timezone
 from types import SimpleNamespace
 
 import botocore.auth
@@ -29,15 +28,14 @@ from sprox.ranges import RangeNotSatisfiable, parse_range
 from sprox.s3.errors import S3Error
 from sprox.s3.request import parse_request
 from sprox.s3.sigv4 import SignatureVerifier
+# The fast check's keys, clock and full-verifier reference: the kernel answers to the same.
+from tests.unit import test_fastsig
+from tests.unit.test_fastsig import ACCESS_KEY, KEYS, NOW, SECRET_KEY, SIGNED_AT, UNPARSED
 
 # Read at import: the session's autouse fixture hides SPROX_* variables from tests.
 NO_EXTENSIONS = os.environ.get("SPROX_NO_EXTENSIONS") == "1"
 FUZZ_EXAMPLES = int(os.environ.get("SPROX_FUZZ_EXAMPLES", "300"))
 
-ACCESS_KEY, SECRET_KEY = "AKIDEXAMPLE", "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY"
-KEYS = {ACCESS_KEY: SECRET_KEY, "AKIDOTHER": "other-secret"}
-SIGNED_AT = datetime(2024, 5, 17, 12, 0, 0, tzinfo=timezone.utc)
-NOW = SIGNED_AT.timestamp()
 
 
 def test_the_normal_build_loads_the_kernel() -> None:
@@ -187,22 +185,12 @@ def head_bytes(method: str, path: str, headers: list[tuple[str, str]]) -> bytes:
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
 
-UNPARSED = "not an S3 request"
-
-
-def full_verdict(method: str, path: str, headers: list[tuple[str, str]]) -> str | None:
-    """The full verifier's access key; None when it refuses the signature; UNPARSED when
-    the request is refused before (a key that is not UTF-8, say: no mirror entry can
-    match such a path, so the kernel declines it after its signature check)."""
-    proxy = CIMultiDictProxy(CIMultiDict(headers))
-    try:
-        request = parse_request(method, path, proxy)
-    except S3Error:
-        return UNPARSED
-    try:
-        return SignatureVerifier(KEYS, clock=lambda: NOW).verify(request)
-    except S3Error:
-        return None
+def full_verdict(method: str, target: str, headers: list[tuple[str, str]]) -> str | None:
+    """test_fastsig's full verdict on a target and a header list: UNPARSED when the
+    request is refused before its signature (a key that is not UTF-8, say: no mirror
+    entry can match such a path, so the kernel declines it after its signature check)."""
+    path, _, query = target.partition("?")
+    return test_fastsig.full_verdict(method, path, query, CIMultiDictProxy(CIMultiDict(headers)))
 
 
 @needs_kernel

@@ -328,14 +328,7 @@ def test_a_body_quiet_behind_an_answer_in_flight_is_answered_after_it(module, tm
             return super().try_hit(method, target, headers) if method == "GET" else None
 
     try:
-        server_sock.setblocking(False)
-        filler = 0
-        for size in (65536, 4096, 256, 1):
-            while True:
-                try:
-                    filler += server_sock.send(b"f" * size)
-                except BlockingIOError:
-                    break
+        filler = fill(server_sock)
 
         async def run() -> bytes:
             loop = asyncio.get_running_loop()
