@@ -100,7 +100,7 @@ class Config:
     list_ttl: float = 0.0
     no_cache: bool = False
     io_backend: str = "auto"
-    event_loop: str = "asyncio"
+    event_loop: str = "auto"
     io_uring: bool = False
     direct_io: bool = False
 
@@ -286,8 +286,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("io_backend", "how cache fills are written and cold blocks read: auto (io_uring when the "
             "kernel and the build allow it, else a thread pool), uring, or threads", choices=IO_BACKENDS),
     Setting("io_uring", "same as --io-backend uring", _parse_bool, switch=True),
-    Setting("event_loop", "the event loop: asyncio (the standard loop, the default) or uvloop (an "
-            "error if it is not installed)", choices=EVENT_LOOPS),
+    Setting("event_loop", "the event loop: auto (uvloop when installed, else the standard loop; the "
+            "default), asyncio (the standard loop) or uvloop (an error if it is not installed)",
+            choices=EVENT_LOOPS),
     Setting("direct_io", "write cache fills and read cold blocks with O_DIRECT (aligned buffers), "
             "so filling the cache does not evict hot bytes from the page cache", _parse_bool, switch=True),
     Setting("admin_port", "serve the admin routes (/_sprox/health, cache stats and purge, metrics) "

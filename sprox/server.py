@@ -39,6 +39,12 @@ SHUTDOWN_SECONDS = 10.0
 # files (each pool bounded at 256), the hit kernel's mirror (sprox.cache.mirror, at most
 # 1024 block files), the index, the log, the ring, lingering refusals.
 FD_RESERVE = 3072
+# Connections the kernel may hold completed but not yet accepted (listen(2)'s backlog;
+# the kernel caps it at net.core.somaxconn). asyncio's default of 100 overflowed when
+# hundreds of clients connected at once: the kernel then answered with SYN cookies, and
+# some of those connections were reset (sprox/eventloop.py tells the story). nginx and
+# Go listen with the same order of magnitude.
+LISTEN_BACKLOG = 4096
 
 
 def raise_open_file_limit(max_connections: int) -> int:
@@ -288,7 +294,8 @@ class Sprox:
                                      use_sendfile=self.frontend.use_sendfile,
                                      max_connections=self.config.max_connections)
             self._listener = await asyncio.get_running_loop().create_server(
-                self._lanes, self.config.host, self.config.port, reuse_address=True)
+                self._lanes, self.config.host, self.config.port, reuse_address=True,
+                backlog=max(LISTEN_BACKLOG, self.config.max_connections))
         except BaseException:
             await self.stop()
             raise

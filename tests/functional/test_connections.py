@@ -450,13 +450,15 @@ def wait_for_hits(host: str, port: int, objects: Objects, keys: list[str], secon
 
 
 @pytest.mark.slow
-def test_a_thousand_connections_over_a_limit_of_800_then_sigterm_in_flight(start_sprox, tmp_path, open_file_room):
+@pytest.mark.parametrize("event_loop", ["auto", "asyncio"])  # auto: uvloop where installed
+def test_a_thousand_connections_over_a_limit_of_800_then_sigterm_in_flight(start_sprox, tmp_path, open_file_room,
+                                                                            event_loop):
     from sprox.analytics.accesslog import read_access_log
 
     began = time.monotonic()
     cache_dir = tmp_path / "cache"
     args = ("--cache-dir", str(cache_dir), "--block-size", "64KiB", "--ttl", "600",
-            "--max-connections", str(MAX_CONNECTIONS))
+            "--max-connections", str(MAX_CONNECTIONS), "--event-loop", event_loop)
     with CountingUpstream(first_byte_delay=0.002) as upstream:
         objects = Objects(upstream)
         proc = start_sprox(tmp_path, "--upstream", upstream.endpoint, *args)

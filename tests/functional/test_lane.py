@@ -54,7 +54,7 @@ class LaneSprox:
 @pytest.fixture(scope="module", params=["compiled", "twin", "compiled-uvloop", "twin-uvloop"])
 def lane(request, _module_sprox, tmp_path_factory) -> LaneSprox:
     """Sprox over a local directory, with a cache and SigV4, warm with both objects; the
-    compiled lane and its twin, each on the standard loop (the default) and on uvloop."""
+    compiled lane and its twin, each on the standard loop and on uvloop (the default where installed)."""
     base = tmp_path_factory.mktemp(f"lane-{request.param}")
     origin = base / "origin"
     (origin / BUCKET / "lane").mkdir(parents=True)

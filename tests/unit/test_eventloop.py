@@ -1,4 +1,4 @@
-"""--event-loop: the standard loop by default, uvloop on request."""
+"""--event-loop: uvloop when installed (auto, the default), either loop on request."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from sprox.config import Config, ConfigError
 from sprox.eventloop import loop_factory
 
 
-def test_the_standard_loop_by_default_and_uvloop_on_request() -> None:
-    assert Config(origin_dir="/tmp").event_loop == "asyncio"
+def test_uvloop_by_default_and_either_loop_on_request() -> None:
+    assert Config(origin_dir="/tmp").event_loop == "auto"
     make, name = loop_factory("asyncio")
     loop = make()
     try:
@@ -26,6 +26,13 @@ def test_the_standard_loop_by_default_and_uvloop_on_request() -> None:
         assert name == "uvloop" and isinstance(loop, uvloop.Loop)
     finally:
         loop.close()
+    assert loop_factory("auto")[1] == "uvloop"
+
+
+def test_auto_falls_back_to_the_standard_loop_without_uvloop(monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # import uvloop now raises ImportError
+    make, name = loop_factory("auto")
+    assert name == "asyncio" and make is asyncio.new_event_loop
 
 
 def test_uvloop_asked_for_but_missing_is_an_error(monkeypatch) -> None:
