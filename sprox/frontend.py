@@ -23,7 +23,7 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy, MultiDict, MultiDictProxy
 
-from .analytics.accesslog import AccessRecord
+from .analytics.accesslog import AccessRecord, kernel_batch
 from .cache.mirror import HitMirror
 from .cache.service import OBJECT_WRITES, FileSpan, HitPlan
 from .hithead import record_head
@@ -219,12 +219,13 @@ class FrontEnd:
         kernel = self.kernel
         if kernel is None:
             return
-        if kernel.ring_waiting:
-            records, blocks = kernel.drain()
+        hits = kernel.ring_waiting
+        if hits:
+            log, blocks = kernel.drain()
             if self.access_log is not None:
-                self.access_log.record_many(records)
-            self.fast_hits += len(records)
-            self.cache.note_kernel_hits(len(records), blocks)
+                self.access_log.record_batch(kernel_batch(log))
+            self.fast_hits += hits
+            self.cache.note_kernel_hits(hits, blocks)
         gets, heads, bytes_sent, latency_counts, latency_sum = kernel.take_counters()
         if gets or heads:
             self.metrics.add_kernel_hits(gets, heads, bytes_sent, latency_counts, latency_sum)

@@ -39,8 +39,7 @@ def make_kernel(verifier, domain: str | None):
         if checked is None:
             return None
         keys, max_skew = checked
-    from .analytics.accesslog import AccessRecord
     from .metrics import LATENCY_BUCKETS
 
     # Its own request id prefix: ids from the two lanes never collide.
-    return HitKernel(keys, max_skew, domain, secrets.token_hex(4).upper(), LATENCY_BUCKETS, AccessRecord)
+    return HitKernel(keys, max_skew, domain, secrets.token_hex(4).upper(), LATENCY_BUCKETS)

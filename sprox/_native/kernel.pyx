@@ -41,9 +41,13 @@ the same bytes; the tests run both builds and compare.
 """
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE, PyBytes_FromStringAndSize
+from cpython.exc cimport PyErr_Clear
+from cpython.list cimport PyList_GET_ITEM
 from cpython.ref cimport Py_INCREF, Py_XDECREF, PyObject
+from cpython.unicode cimport PyUnicode_AsUTF8AndSize
 from libc.errno cimport EAGAIN, EINTR, errno
-from libc.stdint cimport int64_t, uint32_t, uint64_t
+from libc.math cimport llround
+from libc.stdint cimport int16_t, int32_t, int64_t, uint8_t, uint32_t, uint64_t
 from libc.stdlib cimport calloc, free, malloc
 from libc.string cimport memcmp, memcpy, memset
 from posix.types cimport off_t
@@ -136,6 +140,9 @@ DEF OUT_BYTES = MAX_HEAD + 4096 + COPY_MAX
 DEF CANONICAL_BYTES = 8192
 DEF MAX_BUCKETS = 32  # latency histogram bounds (sprox.metrics.LATENCY_BUCKETS)
 DEF COALESCE_MAX = 16384  # bodies up to this leave in one send with their head
+DEF BLOCK_SLOTS_LOG2 = 12  # drain()'s table of blocks read: spilled when half full
+DEF BLOCK_SLOTS = 1 << BLOCK_SLOTS_LOG2
+DEF BLOCK_SLOTS_HALF = BLOCK_SLOTS >> 1
 
 cdef const char *DAYS = b"SunMonTueWedThuFriSat"
 cdef const char *HEX_UPPER = b"0123456789ABCDEF"
@@ -221,6 +228,12 @@ cdef struct LogRecord:
     char request_id[16]
     char range_[MAX_RANGE_BYTES]
     int range_len  # -1: no Range
+
+
+cdef struct BlockCount:
+    int64_t record_id
+    int64_t block
+    int64_t count  # 0: a free slot
 
 
 cdef inline double _now(int clock) noexcept nogil:
@@ -762,22 +775,26 @@ cdef class HitKernel:
     cdef int _bound_count
     cdef uint64_t _latency_counts[MAX_BUCKETS + 1]
     cdef double _latency_sum
-    cdef object _record_type  # what drain() makes of each record (AccessRecord)
+    # drain()'s count of reads per cached block (open addressing), and its output.
+    cdef BlockCount *_block_counts
+    cdef uint32_t _block_slots[BLOCK_SLOTS_HALF]  # the slots in use
+    cdef Py_ssize_t _block_used
+    cdef list _block_spill
 
-    def __cinit__(self, keys, double max_skew_seconds, domain, str request_id_prefix, latency_buckets=(),
-                  record_type=None):
+    def __cinit__(self, keys, double max_skew_seconds, domain, str request_id_prefix, latency_buckets=()):
         self._table = <Entry **>calloc(TABLE_SLOTS, sizeof(Entry *))
         self._ring = <LogRecord *>calloc(RING_RECORDS, sizeof(LogRecord))
         self._keys = <KeySlot *>calloc(MAX_KEYS, sizeof(KeySlot))
-        if self._table is NULL or self._ring is NULL or self._keys is NULL:
+        self._block_counts = <BlockCount *>calloc(BLOCK_SLOTS, sizeof(BlockCount))
+        if self._table is NULL or self._ring is NULL or self._keys is NULL or self._block_counts is NULL:
             raise MemoryError()
+        self._block_spill = []
         self._auth = keys is not None
         if len(latency_buckets) > MAX_BUCKETS:
             raise ValueError(f"at most {MAX_BUCKETS} latency buckets")
         for i, bound in enumerate(latency_buckets):
             self._bounds[i] = bound
         self._bound_count = len(latency_buckets)
-        self._record_type = record_type if record_type is not None else _fields
         self._max_skew = max_skew_seconds
         self._domain = (domain or "").lower().encode("ascii")
         self._has_domain = len(self._domain) > 0
@@ -835,6 +852,7 @@ cdef class HitKernel:
                 memcpy(&r, PyBytes_AS_STRING(state), sizeof(LogRecord))
                 _release_log(&r)
         free(self._keys)
+        free(self._block_counts)
 
     # -- the mirror (kept by sprox.cache.mirror) --------------------------------------------
 
@@ -934,30 +952,119 @@ cdef class HitKernel:
         return self._ring_head - self._ring_tail
 
     def drain(self):
-        """The records written since the last drain, oldest first: (access records,
-        blocks read). An access record is `record_type(time, request_id, operation,
-        bucket, key, range, status, bytes_sent, cache, upstream_requests,
-        upstream_bytes, latency_ms, user_agent, access_key, first_byte, object_size)`
-        (sprox.analytics.accesslog.AccessRecord's fields); blocks read are (record id,
-        first block, last block) of each GET that sent a body."""
-        cdef list records = []
-        cdef list blocks = []
+        """The hits logged since the last drain, oldest first: (log, blocks).
+
+        `log` is the records as columns, made in C with no Python object per record:
+        (count, then one bytes buffer or group of buffers per column of
+        sprox.analytics.accesslog.SCHEMA, laid out as Arrow lays them out;
+        `accesslog.kernel_batch` makes the RecordBatch). `blocks` is the cached blocks
+        the GETs read and how often: (record id, block, times read), counted in a C
+        table; a block may come in more than one entry when the table filled up."""
+        cdef Py_ssize_t n = self._ring_head - self._ring_tail
+        cdef Py_ssize_t i, at
         cdef LogRecord *r
-        make = self._record_type
-        while self._ring_tail < self._ring_head:
+        cdef Py_ssize_t op_bytes = 0, bucket_bytes = 0, key_bytes = 0, range_bytes = 0
+        cdef Py_ssize_t agent_bytes = 0, akey_bytes = 0
+        cdef Py_ssize_t size
+        cdef const char *text
+        # Pass 1: the size of each string column's data.
+        for i in range(n):
+            r = &self._ring[(self._ring_tail + i) % RING_RECORDS]
+            op_bytes += 9 if r.method == 1 else 10
+            bucket_bytes += _utf8_size(r.bucket)
+            key_bytes += _utf8_size(r.key)
+            if r.range_len > 0:
+                range_bytes += r.range_len
+            if r.agent >= 0:
+                agent_bytes += _utf8_size(PyList_GET_ITEM(self._agent_names, r.agent))
+            if r.key_slot >= 0:
+                akey_bytes += _utf8_size(PyList_GET_ITEM(self._key_names, r.key_slot))
+        cdef _Columns c = _Columns(n, op_bytes, bucket_bytes, key_bytes, range_bytes, agent_bytes, akey_bytes)
+        # (upstream_requests and upstream_bytes stay zero: a hit asks the upstream nothing.)
+        # Pass 2: fill them.
+        for i in range(n):
             r = &self._ring[self._ring_tail % RING_RECORDS]
-            records.append(make(
-                r.started_at, r.request_id[:16].decode("ascii"), "GetObject" if r.method == 1 else "HeadObject",
-                <object>r.bucket, <object>r.key, r.range_[:r.range_len].decode("ascii") if r.range_len >= 0 else None,
-                r.status, r.bytes_sent, "HIT", 0, 0, r.seconds * 1000.0,
-                self._agent_names[r.agent] if r.agent >= 0 else None,
-                self._key_names[r.key_slot] if r.key_slot >= 0 else None,
-                r.first_byte if r.first_byte >= 0 else None, r.object_size))
+            c.time_us[i] = llround(r.started_at * 1e6)
+            memcpy(c.request_id + 16 * i, r.request_id, 16)
+            c.request_id_offsets[i + 1] = <int32_t>(16 * (i + 1))
+            if r.method == 1:
+                _column_put(&c.operation, i, "GetObject", 9)
+            else:
+                _column_put(&c.operation, i, "HeadObject", 10)
+            text = _utf8(r.bucket, &size)
+            _column_put(&c.bucket, i, text, size)
+            text = _utf8(r.key, &size)
+            _column_put(&c.key, i, text, size)
+            if r.range_len >= 0:
+                _column_put(&c.range_, i, r.range_, r.range_len)
+            else:
+                _column_null(&c.range_, i)
+            c.status[i] = <int16_t>r.status
+            c.bytes_sent[i] = r.bytes_sent
+            _column_put(&c.cache, i, "HIT", 3)
+            c.latency_ms[i] = r.seconds * 1000.0
+            if r.agent >= 0:
+                text = _utf8(PyList_GET_ITEM(self._agent_names, r.agent), &size)
+                _column_put(&c.user_agent, i, text, size)
+            else:
+                _column_null(&c.user_agent, i)
+            if r.key_slot >= 0:
+                text = _utf8(PyList_GET_ITEM(self._key_names, r.key_slot), &size)
+                _column_put(&c.access_key, i, text, size)
+            else:
+                _column_null(&c.access_key, i)
+            if r.first_byte >= 0:
+                c.first_byte[i] = r.first_byte
+                c.first_byte_valid[i >> 3] |= <uint8_t>(1 << (i & 7))
+            c.object_size[i] = r.object_size
             if r.last_block >= r.first_block:
-                blocks.append((r.record_id, r.first_block, r.last_block))
+                self._count_blocks(r.record_id, r.first_block, r.last_block)
             _release_log(r)
             self._ring_tail += 1
-        return records, blocks
+        return c.as_tuple(), self._take_block_counts()
+
+    cdef int _count_blocks(self, int64_t record_id, int64_t first, int64_t last) except -1:
+        """Add one read of blocks first..last of a record to the drain's block counts."""
+        cdef int64_t b
+        cdef uint64_t slot
+        cdef BlockCount *e
+        for b in range(first, last + 1):
+            if self._block_used * 2 >= BLOCK_SLOTS:
+                self._spill_block_counts()
+            slot = (<uint64_t>record_id * 0x9E3779B97F4A7C15ULL ^ <uint64_t>b * 0xC2B2AE3D27D4EB4FULL) \
+                >> (64 - BLOCK_SLOTS_LOG2)
+            while True:
+                e = &self._block_counts[slot]
+                if e.count == 0:
+                    e.record_id = record_id
+                    e.block = b
+                    e.count = 1
+                    self._block_slots[self._block_used] = <uint32_t>slot
+                    self._block_used += 1
+                    break
+                if e.record_id == record_id and e.block == b:
+                    e.count += 1
+                    break
+                slot = (slot + 1) & (BLOCK_SLOTS - 1)
+        return 0
+
+    cdef int _spill_block_counts(self) except -1:
+        """Move the counts out of the table (half full, or at the drain's end) into
+        the drain's list."""
+        cdef Py_ssize_t i
+        cdef BlockCount *e
+        for i in range(self._block_used):
+            e = &self._block_counts[self._block_slots[i]]
+            self._block_spill.append((e.record_id, e.block, e.count))
+            e.count = 0
+        self._block_used = 0
+        return 0
+
+    cdef list _take_block_counts(self):
+        self._spill_block_counts()
+        cdef list out = self._block_spill
+        self._block_spill = []
+        return out
 
     def take_counters(self):
         """The metrics of the hits logged since the last call, and reset: (GET count,
@@ -1680,11 +1787,6 @@ cdef inline bint _allowed(Entry *e, int key_slot) noexcept nogil:
     return False
 
 
-def _fields(*fields):
-    """drain()'s records when no record type is given: the fields as a tuple."""
-    return fields
-
-
 cdef void _free_entry(Entry *e) noexcept:
     Py_XDECREF(e.present)
     Py_XDECREF(e.unverified)
@@ -1694,6 +1796,118 @@ cdef void _free_entry(Entry *e) noexcept:
     free(e.template)
     free(e.template_ck)
     free(e)
+
+
+cdef struct StrColumn:
+    # An Arrow string column being filled: validity bits, int32 offsets, UTF-8 data.
+    uint8_t *valid
+    int32_t *offsets
+    char *data
+    int32_t used
+
+
+cdef inline Py_ssize_t _utf8_size(PyObject *text) noexcept:
+    """The UTF-8 size of a str (0 if it has none: a lone surrogate; it is logged null)."""
+    cdef Py_ssize_t size = 0
+    if text is NULL or PyUnicode_AsUTF8AndSize(<object>text, &size) is NULL:
+        PyErr_Clear()
+        return 0
+    return size
+
+
+cdef inline const char *_utf8(PyObject *text, Py_ssize_t *size) noexcept:
+    """A str's UTF-8 bytes (cached in the str by CPython), or NULL."""
+    cdef const char *data
+    if text is NULL:
+        return NULL
+    data = PyUnicode_AsUTF8AndSize(<object>text, size)
+    if data is NULL:
+        PyErr_Clear()
+    return data
+
+
+cdef inline void _column_put(StrColumn *c, Py_ssize_t i, const char *text, Py_ssize_t n) noexcept:
+    if text is NULL:
+        _column_null(c, i)
+        return
+    memcpy(c.data + c.used, text, n)
+    c.used += <int32_t>n
+    c.offsets[i + 1] = c.used
+    c.valid[i >> 3] |= <uint8_t>(1 << (i & 7))
+
+
+cdef inline void _column_null(StrColumn *c, Py_ssize_t i) noexcept:
+    c.offsets[i + 1] = c.used
+
+
+cdef bytes _zeroed(Py_ssize_t size):
+    cdef bytes b = PyBytes_FromStringAndSize(NULL, size)
+    memset(PyBytes_AS_STRING(b), 0, size)
+    return b
+
+
+cdef class _Columns:
+    """drain()'s output being filled: each column's buffers are bytes objects made
+    once, at their final size, and written through C pointers before anyone sees them."""
+    cdef Py_ssize_t n
+    cdef list _buffers
+    cdef int64_t *time_us
+    cdef char *request_id
+    cdef int32_t *request_id_offsets
+    cdef StrColumn operation, bucket, key, range_, cache, user_agent, access_key
+    cdef int16_t *status
+    cdef int64_t *bytes_sent
+    cdef double *latency_ms
+    cdef int64_t *first_byte
+    cdef uint8_t *first_byte_valid
+    cdef int64_t *object_size
+
+    def __cinit__(self, Py_ssize_t n, Py_ssize_t op_bytes, Py_ssize_t bucket_bytes, Py_ssize_t key_bytes,
+                  Py_ssize_t range_bytes, Py_ssize_t agent_bytes, Py_ssize_t akey_bytes):
+        self.n = n
+        self._buffers = []
+        self.time_us = <int64_t *>self._buffer(8 * n)
+        self.request_id_offsets = <int32_t *>self._buffer(4 * (n + 1))
+        self.request_id = self._buffer(16 * n)
+        self._string(&self.operation, op_bytes)
+        self._string(&self.bucket, bucket_bytes)
+        self._string(&self.key, key_bytes)
+        self._string(&self.range_, range_bytes)
+        self.status = <int16_t *>self._buffer(2 * n)
+        self.bytes_sent = <int64_t *>self._buffer(8 * n)
+        self._string(&self.cache, 3 * n)
+        self._buffer(4 * n)  # upstream_requests: zeros
+        self._buffer(8 * n)  # upstream_bytes: zeros
+        self.latency_ms = <double *>self._buffer(8 * n)
+        self._string(&self.user_agent, agent_bytes)
+        self._string(&self.access_key, akey_bytes)
+        self.first_byte_valid = <uint8_t *>self._buffer((n + 7) // 8)
+        self.first_byte = <int64_t *>self._buffer(8 * n)
+        self.object_size = <int64_t *>self._buffer(8 * n)
+
+    cdef char *_buffer(self, Py_ssize_t size) except NULL:
+        cdef bytes b = _zeroed(size)
+        self._buffers.append(b)
+        return PyBytes_AS_STRING(b)
+
+    cdef int _string(self, StrColumn *c, Py_ssize_t data_bytes) except -1:
+        if data_bytes >= 2**31:
+            raise OverflowError("access log batch over 2 GiB of text")
+        c.valid = <uint8_t *>self._buffer((self.n + 7) // 8)
+        c.offsets = <int32_t *>self._buffer(4 * (self.n + 1))
+        c.data = self._buffer(data_bytes)
+        c.used = 0
+        return 0
+
+    def as_tuple(self):
+        """(count, then per column of accesslog.SCHEMA, in order: its buffers, one
+        bytes object for a column without nulls, a tuple of them for a string column
+        (validity bits, offsets, data; request_id has no validity bits) or a nullable
+        one (validity bits, values))."""
+        b = self._buffers
+        return (self.n, b[0], (b[1], b[2]), (b[3], b[4], b[5]), (b[6], b[7], b[8]), (b[9], b[10], b[11]),
+                (b[12], b[13], b[14]), b[15], b[16], (b[17], b[18], b[19]), b[20], b[21], b[22],
+                (b[23], b[24], b[25]), (b[26], b[27], b[28]), (b[29], b[30]), b[31])
 
 
 cdef void _release_log(LogRecord *r) noexcept:

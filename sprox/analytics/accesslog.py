@@ -119,6 +119,11 @@ SCHEMA = pa.schema(
 )
 
 INPROGRESS = ".inprogress"
+# Columns with few distinct values, dictionary-encoded; the others (request ids, times,
+# ranges, offsets) are nearly all distinct, and trying a dictionary on them cost a third
+# of the writer's CPU for a bigger file (10,000 hit records: 0.38 against 0.59 us per
+# row, 224 against 301 KiB).
+DICTIONARY_COLUMNS = ["operation", "bucket", "key", "status", "cache", "user_agent", "access_key"]
 
 # How far writing may fall behind, in flushes, before the oldest records are dropped.
 BUFFER_FLUSHES = 10
@@ -166,6 +171,8 @@ class AccessLog:
         self._files = _ParquetFiles(self.directory, rotate_bytes, rotate_seconds)
         self._capacity = BUFFER_FLUSHES * flush_rows
         self._buffer: deque[AccessRecord] = deque(maxlen=self._capacity)
+        self._batches: deque[pa.RecordBatch] = deque()  # the hit kernel's (record_batch)
+        self._batch_rows = 0
         self._wake = asyncio.Event()
         self._executor: ThreadPoolExecutor | None = None
         self._task: asyncio.Task[None] | None = None
@@ -203,21 +210,30 @@ class AccessLog:
         if len(buffer) == self._capacity:
             self.dropped += 1  # the append pushes the oldest record out
         buffer.append(rec)
-        if len(buffer) >= self.flush_rows:
+        if len(buffer) + self._batch_rows >= self.flush_rows:
             self._wake.set()
 
-    def record_many(self, records: list[AccessRecord]) -> None:
-        """Buffer a batch of records (the hit kernel's, drained from its ring): as
-        `record` for each, in one call."""
+    def record_batch(self, batch: pa.RecordBatch) -> None:
+        """Buffer the hit kernel's drained records (`kernel_batch`), as they are: no
+        Python object per record. Batches are bounded like records (`flush_rows` times
+        BUFFER_FLUSHES rows; the oldest are pushed out)."""
         if self._closed:
-            self.dropped += len(records)
+            self.dropped += batch.num_rows
             return
-        buffer = self._buffer
-        over = len(buffer) + len(records) - self._capacity
-        if over > 0:
-            self.dropped += over  # the oldest are pushed out
-        buffer.extend(records)
-        if len(buffer) >= self.flush_rows:
+        self._batches.append(batch)
+        self._batch_rows += batch.num_rows
+        while self._batch_rows > self._capacity:
+            over = self._batch_rows - self._capacity
+            oldest = self._batches[0]
+            if oldest.num_rows <= over:
+                self._batches.popleft()
+                self._batch_rows -= oldest.num_rows
+                self.dropped += oldest.num_rows
+            else:
+                self._batches[0] = oldest.slice(over)
+                self._batch_rows -= over
+                self.dropped += over
+        if len(self._buffer) + self._batch_rows >= self.flush_rows:
             self._wake.set()
 
     async def flush(self) -> None:
@@ -226,8 +242,11 @@ class AccessLog:
         if self._executor is None:
             return
         rows, self._buffer = self._buffer, deque(maxlen=self._capacity)
+        batches, self._batches = list(self._batches), deque()
+        nrows = len(rows) + self._batch_rows
+        self._batch_rows = 0
         self._wake.clear()
-        await self._run_on_writer(len(rows), self._files.write, rows)
+        await self._run_on_writer(nrows, self._files.write, rows, batches)
         if self.dropped > self._dropped_warned and self._may_warn("dropped"):
             log.warning("access log: %d record(s) dropped (%d in total): writing falls behind "
                         "or fails", self.dropped - self._dropped_warned, self.dropped)
@@ -240,8 +259,10 @@ class AccessLog:
             return
         self._closed = True
         if self._executor is None:  # never started: nothing can be written
-            self.dropped += len(self._buffer)
+            self.dropped += len(self._buffer) + self._batch_rows
             self._buffer.clear()
+            self._batches.clear()
+            self._batch_rows = 0
             return
         try:
             if self._task is not None:
@@ -305,6 +326,33 @@ class AccessLog:
         return True
 
 
+def kernel_batch(log: tuple) -> pa.RecordBatch:
+    """The hit kernel's drained records (HitKernel.drain()'s columns: Arrow buffers it
+    filled in C) as a RecordBatch with `SCHEMA`: no Python object per record."""
+    (n, time_us, request_id, operation, bucket, key, range_, status, bytes_sent, cache, upstream_requests,
+     upstream_bytes, latency_ms, user_agent, access_key, first_byte, object_size) = log
+    buf = pa.py_buffer
+
+    def strings(buffers: tuple) -> pa.Array:
+        if len(buffers) == 2:
+            return pa.Array.from_buffers(pa.string(), n, [None, buf(buffers[0]), buf(buffers[1])])
+        valid, offsets, data = buffers
+        return pa.Array.from_buffers(pa.string(), n, [buf(valid), buf(offsets), buf(data)], null_count=-1)
+
+    def fixed(kind: pa.DataType, values: bytes, valid: bytes | None = None) -> pa.Array:
+        return pa.Array.from_buffers(kind, n, [None if valid is None else buf(valid), buf(values)],
+                                     null_count=0 if valid is None else -1)
+
+    columns = [
+        fixed(SCHEMA.field("time").type, time_us),
+        strings(request_id), strings(operation), strings(bucket), strings(key), strings(range_),
+        fixed(pa.int16(), status), fixed(pa.int64(), bytes_sent), strings(cache),
+        fixed(pa.int32(), upstream_requests), fixed(pa.int64(), upstream_bytes), fixed(pa.float64(), latency_ms), strings(user_agent), strings(access_key),
+        fixed(pa.int64(), first_byte[1], first_byte[0]), fixed(pa.int64(), object_size),
+    ]
+    return pa.RecordBatch.from_arrays(columns, schema=SCHEMA)
+
+
 def read_access_log(directory: str | os.PathLike[str]) -> pa.Table:
     """Every complete access log file in `directory`, oldest first, as one table with
     `SCHEMA`. `.inprogress` files are skipped. Blocking: not for the event loop thread."""
@@ -335,10 +383,14 @@ class _ParquetFiles:
         self.directory.mkdir(parents=True, exist_ok=True)
         return sorted(self.directory.glob("access-*" + INPROGRESS))
 
-    def write(self, rows: Sequence[AccessRecord]) -> int:
-        """Append `rows` as one row group, opening a file if none is open, then close the
-        file if it is due for rotation. Returns how many rows were written."""
-        table = _valid_rows_table(rows) if rows else None
+    def write(self, rows: Sequence[AccessRecord], batches: Sequence[pa.RecordBatch] = ()) -> int:
+        """Append `rows` and `batches` (the hit kernel's) as one row group, opening a file
+        if none is open, then close the file if it is due for rotation. Returns how many
+        rows were written."""
+        tables = [_valid_rows_table(rows)] if rows else []
+        if batches:
+            tables.append(pa.Table.from_batches(batches, schema=SCHEMA))
+        table = pa.concat_tables(tables) if tables else None
         try:
             if table is not None and table.num_rows:
                 if self._writer is None:
@@ -381,7 +433,7 @@ class _ParquetFiles:
                 continue
             break
         try:
-            self._writer = pq.ParquetWriter(file, SCHEMA, compression="zstd")
+            self._writer = pq.ParquetWriter(file, SCHEMA, compression="zstd", use_dictionary=DICTIONARY_COLUMNS)
         except BaseException:
             file.close()
             with suppress(OSError):

@@ -213,13 +213,14 @@ class S3FIFO:
             self.small_bytes += size
             self.small_count += 1
 
-    def hit(self, key: Key) -> None:
+    def hit(self, key: Key, times: int = 1) -> None:
+        """`key` was read `times` times: its frequency rises by as much, up to MAX_FREQ."""
         record = self.records.get(key[0])
         if record is None or key[1] >= len(record.states):
             return
         state = record.states[key[1]]
         if state & (_SMALL | _MAIN) and state & _FREQ < MAX_FREQ:
-            record.states[key[1]] = state + 1
+            record.states[key[1]] = state + min(times, MAX_FREQ - (state & _FREQ))
 
     def remove(self, key: Key) -> None:
         record = self.records.get(key[0])

@@ -489,12 +489,11 @@ class ObjectCache:
 
     def note_kernel_hits(self, hits: int, blocks: list[tuple[int, int, int]]) -> None:
         """Hits the kernel answered (drained from its ring): count them, and tell the
-        eviction policy which blocks were read ((record id, first, last block) each)."""
+        eviction policy which blocks were read ((record id, block, times read) each)."""
         self.stats.hits += hits
         policy_hit = self.policy.hit
-        for record_id, first, last in blocks:
-            for i in range(first, last + 1):
-                policy_hit((record_id, i))
+        for record_id, block, times in blocks:
+            policy_hit((record_id, block), times)
 
     def hold_blocks(self, record_id: int, first_block: int, last_block: int) -> tuple[ObjectRecord, int] | None:
         """Keep a record's blocks from eviction, and its file open, while an answer the

@@ -154,23 +154,48 @@ def test_records_round_trip_exactly(tmp_path):
     assert (status_type["Type"], status_type["bitWidth"]) == ("Int", 16)
 
 
-def test_a_batch_is_recorded_as_its_records_one_by_one(tmp_path):
-    """record_many (the hit kernel's drained ring) keeps order, wakes the flush at
-    flush_rows, and counts what a full buffer pushes out."""
-    batch = [rec(i) for i in range(30)]
+def batch_of(records: list[AccessRecord]) -> pa.RecordBatch:
+    return pa.RecordBatch.from_pylist([as_row(r) for r in records], schema=SCHEMA)
+
+
+def test_the_kernels_batches_are_written_beside_single_records(tmp_path):
+    """record_batch (the hit kernel's drained ring, as Arrow columns) lands in the same
+    row groups as record()'s records, wakes the flush at flush_rows, and is counted as
+    dropped after close."""
+    records = [rec(i) for i in range(30)]
 
     async def scenario():
         log = AccessLog(tmp_path, flush_rows=10, flush_seconds=3600)
-        log.record_many(batch[:5])  # before start: buffered
+        log.record_batch(batch_of(records[:5]))  # before start: buffered
         await log.start()
-        log.record_many(batch[5:])
+        log.record(records[5])
+        log.record_batch(batch_of(records[6:]))
         await until(lambda: log.written == 30, what="the batches written")
         await log.close()
-        log.record_many(batch[:3])  # after close: dropped, counted
+        log.record_batch(batch_of(records[:3]))  # after close: dropped, counted
         assert (log.written, log.dropped) == (30, 3)
 
     asyncio.run(scenario())
-    assert read_back(tmp_path) == [as_row(r) for r in batch]
+    assert sorted(read_back(tmp_path), key=lambda row: row["request_id"]) == [as_row(r) for r in records]
+
+
+def test_batches_over_the_buffer_push_the_oldest_rows_out(tmp_path):
+    """Batches are bounded as records are (flush_rows x BUFFER_FLUSHES rows): the
+    oldest rows go first, counted as dropped; what stays is written."""
+    records = [rec(i) for i in range(35)]
+
+    async def scenario():
+        assert accesslog.BUFFER_FLUSHES == 10
+        log = AccessLog(tmp_path, flush_rows=2, flush_seconds=3600)  # holds 20 rows
+        for first in range(0, 35, 7):  # not yet started: nothing is flushed
+            log.record_batch(batch_of(records[first:first + 7]))
+        assert log.dropped == 15
+        await log.start()
+        await until(lambda: log.written == 20, what="what stayed, written")
+        await log.close()
+
+    asyncio.run(scenario())
+    assert read_back(tmp_path) == [as_row(r) for r in records[15:]]
 
 
 # --- flushing ------------------------------------------------------------------------

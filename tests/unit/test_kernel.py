@@ -7,9 +7,11 @@ through a real Sprox are in tests/functional (test_lane.py, test_kernel_hits.py)
 
 from __future__ import annotations
 
+import collections
 import os
 import socket
 import threading
+import time
 from types import SimpleNamespace
 
 import botocore.auth
@@ -23,6 +25,7 @@ from hypothesis import strategies as st
 from multidict import CIMultiDict, CIMultiDictProxy
 
 import sprox.kernel
+from sprox.analytics.accesslog import kernel_batch
 from sprox._native import _lane_py
 from sprox.ranges import RangeNotSatisfiable, parse_range
 from sprox.s3.errors import S3Error
@@ -464,6 +467,13 @@ def record(record_id: int = 7, blocks_present: int = 4):
 TEMPLATE = b'ETag: "abc"\r\nContent-Type: binary/octet-stream\r\n'
 
 
+def drained(kernel) -> tuple[list[dict], list[tuple[int, int, int]]]:
+    """What the kernel logged since the last drain, as the access log's rows (dicts by
+    column), and the blocks read: (record id, block, times)."""
+    log, blocks = kernel.drain()
+    return kernel_batch(log).to_pylist(), blocks
+
+
 def answer(kernel, data: bytes, *, use_sendfile: bool = True) -> tuple[int, bytes]:
     server, client = socket.socketpair()
     try:
@@ -506,14 +516,57 @@ def test_a_hit_is_answered_whole(block_file, use_sendfile, range_header, first, 
     assert len(headers["x-amz-request-id"]) == 16 and headers["x-amz-request-id"].startswith("0123ABCD")
     if range_header:
         assert headers["Content-Range"] == f"bytes {first}-{last}/{len(DATA)}"
-    (logged,), blocks = kernel.drain()
-    assert logged[1:7] == (headers["x-amz-request-id"], "GetObject", "bucket", "key", range_header,
-                          200 if range_header is None else 206)
-    assert logged[7:11] == (last - first + 1, "HIT", 0, 0) and logged[14:] == (first, len(DATA))
-    assert blocks == [(7, first // BLOCK, last // BLOCK)]
+    (logged,), blocks = drained(kernel)
+    assert (logged["request_id"], logged["operation"], logged["bucket"], logged["key"], logged["range"],
+            logged["status"]) == (headers["x-amz-request-id"], "GetObject", "bucket", "key", range_header,
+                                  200 if range_header is None else 206)
+    assert (logged["bytes_sent"], logged["cache"], logged["upstream_requests"], logged["upstream_bytes"]) == \
+        (last - first + 1, "HIT", 0, 0)
+    assert (logged["first_byte"], logged["object_size"]) == (first, len(DATA))
+    assert blocks == [(7, block, 1) for block in range(first // BLOCK, last // BLOCK + 1)]
     gets, heads, sent, latency_counts, latency_sum = kernel.take_counters()
     assert (gets, heads, sent, sum(latency_counts)) == (1, 0, last - first + 1, 1)
     assert kernel.take_counters()[:3] == (0, 0, 0)
+
+
+@needs_kernel
+def test_the_drained_log_has_every_field_and_counts_the_blocks_read(block_file) -> None:
+    """drain() makes the access log's columns in C: GETs and HEADs, with and without
+    Range and User-Agent, a key outside ASCII; and counts every block each GET read,
+    also past the size of its counting table (4,096 blocks of 4 bytes in one GET)."""
+    kernel = new_kernel(keys=None)
+    kernel.install("bucket", "ключ/ü", record(7), block_file, 1e12, TEMPLATE, None, -1)
+    tiny_blocks = len(DATA) // 4
+    tiny = SimpleNamespace(id=8, size=len(DATA), block_size=4, present=bytearray(b"\xff" * (tiny_blocks // 8)),
+                           unverified=bytearray(tiny_blocks // 8))
+    kernel.install("bucket", "tiny", tiny, block_file, 1e12, TEMPLATE, None, -1)
+    began = time.time()
+    heads = [b"GET /bucket/%D0%BA%D0%BB%D1%8E%D1%87/%C3%BC HTTP/1.1\r\nRange: bytes=0-9\r\n"
+             b"User-Agent: duckdb/1.1\r\n\r\n",
+             b"HEAD /bucket/%D0%BA%D0%BB%D1%8E%D1%87/%C3%BC HTTP/1.1\r\nUser-Agent: boto3/1.35\r\n\r\n",
+             b"GET /bucket/tiny HTTP/1.1\r\n\r\n",
+             b"GET /bucket/tiny HTTP/1.1\r\nRange: bytes=0-7\r\nUser-Agent: duckdb/1.1\r\n\r\n"]
+    for head in heads:
+        assert answer(kernel, head)[0] == sprox.kernel.SENT
+    rows, blocks = drained(kernel)
+    assert [(row["operation"], row["key"], row["range"], row["status"], row["bytes_sent"], row["user_agent"],
+             row["access_key"], row["first_byte"], row["object_size"]) for row in rows] == [
+        ("GetObject", "ключ/ü", "bytes=0-9", 206, 10, "duckdb/1.1", None, 0, len(DATA)),
+        ("HeadObject", "ключ/ü", None, 200, 0, "boto3/1.35", None, None, len(DATA)),
+        ("GetObject", "tiny", None, 200, len(DATA), None, None, 0, len(DATA)),
+        ("GetObject", "tiny", "bytes=0-7", 206, 8, "duckdb/1.1", None, 0, len(DATA)),
+    ]
+    assert all(row["bucket"] == "bucket" and row["cache"] == "HIT" for row in rows)
+    assert len({row["request_id"] for row in rows}) == 4 and all(len(row["request_id"]) == 16 for row in rows)
+    assert all(began - 1 <= row["time"].timestamp() <= time.time() + 1 and row["latency_ms"] >= 0 for row in rows)
+    reads = collections.Counter()
+    for record_id, block, times in blocks:
+        reads[(record_id, block)] += times
+    expected = collections.Counter({(7, 0): 1, **{(8, block): 1 for block in range(tiny_blocks)}})
+    expected[(8, 0)] += 1
+    expected[(8, 1)] += 1
+    assert reads == expected
+    assert drained(kernel) == ([], [])
 
 
 @needs_kernel
@@ -548,7 +601,7 @@ def test_it_declines_what_it_cannot_answer_alone(block_file) -> None:
     for why, data in cases.items():
         done, response = answer(kernel, data)
         assert (done, response) == (sprox.kernel.DECLINED, b""), why
-    assert kernel.drain() == ([], [])
+    assert drained(kernel) == ([], [])
     # Within the blocks present it answers; forgotten, it declines.
     assert answer(kernel, b"GET /bucket/key HTTP/1.1\r\nRange: bytes=0-8191\r\n\r\n")[0] == sprox.kernel.SENT
     assert kernel.forget("bucket", "key") is True
@@ -582,7 +635,7 @@ def test_an_answer_the_socket_cannot_take_is_left_to_the_python_lane(block_file)
         assert done == sprox.kernel.PARTIAL
         rest, record_id, offset, remaining, first_block, last_block, token, length, close = kernel.take_pending()
         assert (record_id, first_block, last_block, length, close) == (3, 0, 3, len(DATA), False)
-        assert kernel.drain() == ([], [])  # logged once the rest is sent
+        assert drained(kernel) == ([], [])  # logged once the rest is sent
         received = bytearray()
 
         def read_all() -> None:
@@ -600,8 +653,8 @@ def test_an_answer_the_socket_cannot_take_is_left_to_the_python_lane(block_file)
         assert split(bytes(received))[2] == DATA
         assert kernel.log_pending(token, len(DATA)) is True
         assert kernel.log_pending(token, len(DATA)) is False  # once only
-        (logged,), _ = kernel.drain()
-        assert logged[7] == len(DATA) and logged[3:5] == ("bucket", "key")
+        (logged,), _ = drained(kernel)
+        assert (logged["bytes_sent"], logged["bucket"], logged["key"]) == (len(DATA), "bucket", "key")
     finally:
         server.close()
         client.close()
