@@ -201,6 +201,8 @@ class Connection(asyncio.Protocol):
         self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self.sock_fd = -1
+        self.kernel = None  # the hit kernel, while this connection has its own socket (sock_fd)
+        self.use_sendfile = server.use_sendfile
         self.parser = httptools.HttpRequestParser(self)
         self.current: _Message | None = None
         self.last_parsed: _Message | None = None
@@ -239,6 +241,8 @@ class Connection(asyncio.Protocol):
         # connection is lost: never to the transport's descriptor, whose number the
         # system may give to another file once the transport closes it.
         self.sock_fd = os.dup(sock.fileno()) if sock is not None else -1
+        if self.sock_fd >= 0:
+            self.kernel = server.kernel
         server.connections.add(self)
         self.last_active = self.loop.time()
         self.timer = self.loop.call_later(HEAD_SECONDS, self._check_idle)
@@ -266,6 +270,7 @@ class Connection(asyncio.Protocol):
         self.closed = True
         self.server.forget(self)
         if self.sock_fd >= 0:
+            self.kernel = None
             os.close(self.sock_fd)
             self.sock_fd = -1
         if self.timer is not None:
@@ -302,18 +307,24 @@ class Connection(asyncio.Protocol):
         return True
 
     def data_received(self, data: bytes) -> None:
-        if self.closed or self.fatal is not None or (self.no_more and self.current is None):
-            return
-        kernel = self.server.kernel
+        kernel = self.kernel
         if kernel is not None and self.current is None and not self.queue and not self.busy \
-                and not self.inner_pending and self.sock_fd >= 0 and self.transport.get_write_buffer_size() == 0:
+                and not self.inner_pending and self.fatal is None and not self.no_more and not self.closed \
+                and self.transport.get_write_buffer_size() == 0:
             # Between requests, with nothing in flight: the kernel answers a hit whole,
             # or declines having written nothing, and llhttp reads the same bytes.
-            done = kernel.serve(self.sock_fd, data, self.server.use_sendfile)
+            done = kernel.serve(self.sock_fd, data, self.use_sendfile)
             if done:
                 self.last_active = self.loop.time()
+                if done == KERNEL_SENT:  # the common case, kept short
+                    server = self.server
+                    if not server.drain_scheduled:
+                        server.kernel_answered()
+                    return
                 self._kernel_done(done)
                 return
+        if self.closed or self.fatal is not None or (self.no_more and self.current is None):
+            return
         self.last_active = self.loop.time()
         current = self.current
         if current is not None and not current.fed and current.buffered is None:
