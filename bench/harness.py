@@ -578,15 +578,19 @@ USER_AGENT = "Boto3/1.40 md/Botocore#1.40 ua/2.1 os/linux lang/python#3.11 (spro
 
 class RequestSigner:
     """Builds S3 requests signed with SigV4 (botocore) for `host:port`, as bytes ready
-    to send. A signature stays valid for 15 minutes after it was made."""
+    to send: signed in the Authorization header, or presigned (the signature in the
+    query, as boto3's generate_presigned_url makes it; other headers, such as Range,
+    unsigned). A signature stays valid for 15 minutes after it was made."""
 
     def __init__(self, host: str, port: int, access_key: str = TEST_ACCESS_KEY,
                  secret_key: str = TEST_SECRET_KEY, region: str = TEST_REGION):
-        from botocore.auth import S3SigV4Auth
+        from botocore.auth import S3SigV4Auth, S3SigV4QueryAuth
         from botocore.credentials import Credentials
 
         self.host, self.port = host, port
-        self._auth = S3SigV4Auth(Credentials(access_key, secret_key), "s3", region)
+        credentials = Credentials(access_key, secret_key)
+        self._auth = S3SigV4Auth(credentials, "s3", region)
+        self._query_auth = S3SigV4QueryAuth(credentials, "s3", region, expires=900)
 
     @property
     def authority(self) -> str:
@@ -604,8 +608,21 @@ class RequestSigner:
         headers.update((k, v) for k, v in request.headers.items())
         return path, headers
 
-    def raw(self, method: str, bucket: str, key: str, extra: Mapping[str, str] | None = None) -> bytes:
-        path, headers = self.headers(method, bucket, key, extra)
+    def presigned(self, method: str, bucket: str, key: str, extra: Mapping[str, str] | None = None
+                  ) -> tuple[str, dict[str, str]]:
+        """(path with the presigned query, headers): `extra` is sent, not signed."""
+        from botocore.awsrequest import AWSRequest
+
+        path = f"/{bucket}/{quote(key, safe='/~')}"
+        request = AWSRequest(method=method, url=f"http://{self.authority}{path}")
+        self._query_auth.add_auth(request)
+        target = request.url.split(self.authority, 1)[1]
+        return target, {"Host": self.authority, "User-Agent": USER_AGENT, "Accept-Encoding": "identity",
+                        **(extra or {})}
+
+    def raw(self, method: str, bucket: str, key: str, extra: Mapping[str, str] | None = None, *,
+            presigned: bool = False) -> bytes:
+        path, headers = (self.presigned if presigned else self.headers)(method, bucket, key, extra)
         lines = [f"{method} {path} HTTP/1.1", *(f"{k}: {v}" for k, v in headers.items())]
         return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 

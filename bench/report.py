@@ -229,6 +229,8 @@ def hits_table(ctx: SessionContext, run_id: str) -> Table:
         size = r["range_size"] or (round(r["size"]) if r["size"] is not None else None)
         label = r["case"] if size is None else (
             f"{_size(size)} ranges" if r["range_size"] is not None else f"whole {_size(size)} objects")
+        if r["case"].endswith("-presigned"):
+            label += ", presigned"
         cpu = "" if r["nginx_cpu_us"] is None and r["sprox_cpu_us"] is None else \
             f"{_us(r['nginx_cpu_us'])} / {_us(r['sprox_cpu_us'])}"
         notes = [_generator_note(who, r[f"{key}_server_busy"], r[f"{key}_generator_busy"])

@@ -1,8 +1,9 @@
 """Cache hits: Sprox serving bytes it holds vs nginx serving the same bytes from local
 files, in the same run, each server on one pinned CPU, the load generator on another.
 
-Cases: random ranges of 4 KiB, 64 KiB and 1 MiB within one large object (1 GiB; 64 MiB
-in short mode), and whole objects (64 MiB; 16 MiB in short mode). Sprox runs with
+Cases: random ranges of 4 KiB (signed in the header, and presigned), 64 KiB and 1 MiB
+within one large object (1 GiB; 64 MiB in short mode), and whole objects (64 MiB; 16
+MiB in short mode). Sprox runs with
 `--origin-dir` on the directory nginx serves, verifies SigV4 (requests are signed with
 botocore and nginx gets the very same bytes), and, when it has a cache, caches into a
 fresh directory. Every byte is read once through Sprox before measuring (checked
@@ -50,10 +51,12 @@ SIGNATURE_MAX_AGE = 600  # re-sign after 10 minutes; SigV4 allows 15
 class HitCase:
     name: str
     range_size: int | None  # None: whole objects
+    presigned: bool = False  # SigV4 in the query (a presigned URL) instead of the header
 
 
 CASES = (
     HitCase("range-4KiB", 4 * KiB),
+    HitCase("range-4KiB-presigned", 4 * KiB, presigned=True),
     HitCase("range-64KiB", 64 * KiB),
     HitCase("range-1MiB", 1 * MiB),
     HitCase("whole-object", None),
@@ -139,9 +142,11 @@ class HitsBench:
             for i in range(self.settings.distinct_ranges):
                 offset = rnd.randrange(0, obj.size - size + 1)
                 extra = {"Range": f"bytes={offset}-{offset + size - 1}"}
-                records.append((self.signer.raw("GET", HITS_BUCKET, obj.key, extra), size))
+                records.append((self.signer.raw("GET", HITS_BUCKET, obj.key, extra, presigned=case.presigned),
+                                size))
                 if i < 8:
-                    path, headers = self.signer.headers("GET", HITS_BUCKET, obj.key, extra)
+                    sign = self.signer.presigned if case.presigned else self.signer.headers
+                    path, headers = sign("GET", HITS_BUCKET, obj.key, extra)
                     samples.append((path, headers, obj.key, offset, size))
             body = size
         file = self.work_dir / f"{case.name}.requests"

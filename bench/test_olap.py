@@ -225,6 +225,7 @@ def olap(bench_settings, start_sprox, tmp_path_factory) -> Olap:
     upstream.stop()
 
 
+WARM_ROUNDS = 5  # at least, for the warm and local modes (full mode; short mode runs 1)
 PARAMS = [(e, q, m) for e in ENGINES for q in QUERY_NAMES for m in MODES]
 
 
@@ -297,8 +298,13 @@ def test_olap(benchmark, olap: Olap, results, engine: str, query: str, mode: str
     label = mode if not mode.startswith("sprox") else f"{mode} ({sprox_mode()})"
     benchmark.group = f"olap {engine} {query}"
     benchmark.name = f"{engine} {query} {label}"
-    benchmark.pedantic(one_round, setup=setup, rounds=settings.olap_rounds if mode != "local" else
-                       max(settings.olap_rounds, 3), iterations=1)
+    # Warm and local rounds take a second or two, and vary by 1.5x from session to
+    # session: they get more rounds (each a fresh session) for a median that holds.
+    # Cold and direct rounds take 5-20 s each.
+    rounds_wanted = settings.olap_rounds
+    if mode == "local" or (mode.endswith("-warm") and not settings.short):
+        rounds_wanted = max(settings.olap_rounds, 3 if settings.short else WARM_ROUNDS)
+    benchmark.pedantic(one_round, setup=setup, rounds=rounds_wanted, iterations=1)
     finish_round()
     if mode.endswith("-cold") and server["proc"] is not None:
         previous = olap.warm.pop((*key, kind), None)

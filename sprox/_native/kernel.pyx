@@ -4,22 +4,25 @@
 
     data_received(bytes) -> HitKernel.serve(socket fd, bytes)
       scan      the head with a strict subset of HTTP/1.1 (anything else: declined)
-      verify    SigV4 in the Authorization header, over the head's own bytes
+      verify    SigV4 (Authorization header or presigned) or presigned SigV2, over
+                the head's own bytes
       look up   the object in the mirror: a C hash table the cache keeps (install on a
                 hit the Python lane planned, forget on any change to the key)
       plan      freshness, key rights, the range, block presence bits
       render    status line and headers into this kernel's buffer
-      send      one send(MSG_MORE) and sendfile(2) from the block file (or one send
-                of head and body, read with RWF_NOWAIT, without sendfile)
-      log       a fixed-size record into a ring that Python drains in batches
+      send      one send of head and body when the body is small (read with
+                preadv2(RWF_NOWAIT)), else send and sendfile(2) from the block file
+      log       a fixed-size record into a ring; drain() (every 25 ms) turns the
+                records into the access log's Arrow columns in C and counts the
+                blocks read for the eviction policy
 
 Declining is always safe and always early: nothing is written to the socket and
 nothing is changed before every check passed, and the caller then hands the same bytes
 to llhttp and the Python lane, which decides everything again. So the kernel only
 ever answers a request the Python lane would have answered the same way, and
-everything unusual (queries, presigned URLs, SigV2, conditional requests, virtual
-hosts, pipelined requests, other x-amz-* headers, a ring or buffer that is full)
-simply takes the Python lane.
+everything unusual (other queries, header-signed SigV2, conditional requests,
+virtual hosts without --domain, pipelined requests, other x-amz-* headers, a ring or
+buffer that is full) simply takes the Python lane.
 
 What the kernel relies on, kept by `sprox.cache.mirror.HitMirror` (Python, called on
 fills, drops and revalidation, never per hit):
