@@ -964,7 +964,7 @@ cdef class HitKernel:
         the GETs read and how often: (record id, block, times read), counted in a C
         table; a block may come in more than one entry when the table filled up."""
         cdef Py_ssize_t n = self._ring_head - self._ring_tail
-        cdef Py_ssize_t i, at
+        cdef Py_ssize_t i
         cdef LogRecord *r
         cdef Py_ssize_t op_bytes = 0, bucket_bytes = 0, key_bytes = 0, range_bytes = 0
         cdef Py_ssize_t agent_bytes = 0, akey_bytes = 0
