@@ -10,8 +10,8 @@ on both alike. It also times `ListObjectsV2` (boto3) direct, through Sprox and t
 nginx, the one request of a warm query that reaches the upstream (neither caches
 listings by default).
 
-Same data, upstream (20 ms first-byte latency, `--latency-ms`) and servers as
-test_olap.py; everything binds 127.0.0.1, runs a bounded number of sessions and stops
+Same data, upstream (20 ms first-byte latency, `--latency-ms`; GET bodies paced as
+SPROX_BENCH_BANDWIDTH_MBPS says, 80 MB/s by default) and servers as test_olap.py; everything binds 127.0.0.1, runs a bounded number of sessions and stops
 what it started. Prints the medians; `bench/README.md` says when to use it.
 """
 
@@ -95,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="sprox-ab-") as tmp:
         work = Path(tmp)
-        upstream = UpstreamProcess(work / "upstream", data.root, args.latency_ms).start()
+        upstream = UpstreamProcess(work / "upstream", data.root, args.latency_ms,
+                                   settings.upstream_bandwidth_mbps).start()
         nginx = sprox = None
         try:
             nginx = NginxServer(work / "nginx", proxy_to=upstream.endpoint.removeprefix("http://")).start()

@@ -163,7 +163,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
               "nor softirq (other processes); above ~10 the numbers are unreliable.")
     if tables.get("olap"):
         write(f"\nOLAP queries over TPC-H lineitem (upstream first-byte latency "
-              f"{tables['olap'][0].get('upstream_latency_ms')} ms; median round; upstream requests per round):")
+              f"{tables['olap'][0].get('upstream_latency_ms')} ms, GET bodies paced at "
+              f"{tables['olap'][0].get('upstream_bandwidth_mbps')} MB/s; median round; upstream requests per round):")
         write(format_table(
             ["engine", "query", "mode", "seconds", "upstream GET", "HEAD", "LIST", "MB from upstream"],
             [(r["engine"], r["query"], r["mode"], r["seconds"], r.get("upstream_GET"), r.get("upstream_HEAD"),

@@ -90,6 +90,8 @@ class Settings:
     tpch_files: int
     olap_rounds: int
     upstream_latency_ms: float
+    # Each upstream GET body's pace in MB/s (10^6 bytes), as one S3 GET streams; 0: unpaced.
+    upstream_bandwidth_mbps: float = 80.0
     # "copy": bodies are read into a 4 MiB buffer, as a real client does. "discard":
     # the kernel drops them (MSG_TRUNC). On loopback, copy is the fairer default: while a
     # reader copies, the kernel runs more of the receive-side TCP work on the reader's
@@ -118,6 +120,7 @@ class Settings:
             "tpch_sf": ("SPROX_BENCH_SF", float),
             "olap_rounds": ("SPROX_BENCH_OLAP_ROUNDS", int),
             "upstream_latency_ms": ("SPROX_BENCH_LATENCY_MS", float),
+            "upstream_bandwidth_mbps": ("SPROX_BENCH_BANDWIDTH_MBPS", float),
             "loadgen_mode": ("SPROX_BENCH_LOADGEN_MODE", str),
         }
         changes = {}
@@ -505,14 +508,17 @@ class NginxServer:
 
 
 class UpstreamProcess:
-    """`python -m bench.upstream --root ROOT --latency-ms MS` on a free port."""
+    """`python -m bench.upstream --root ROOT --latency-ms MS --bandwidth-mbps MBPS` on a
+    free port."""
 
     LISTENING = re.compile(r"listening on (http://\S+)")
 
-    def __init__(self, log_dir: Path, root: Path, latency_ms: float, startup_timeout: float = 30.0):
+    def __init__(self, log_dir: Path, root: Path, latency_ms: float, bandwidth_mbps: float = 0.0,
+                 startup_timeout: float = 30.0):
         self.log_dir = Path(log_dir)
         self.root = Path(root)
         self.latency_ms = latency_ms
+        self.bandwidth_mbps = bandwidth_mbps
         self.startup_timeout = startup_timeout
         self.endpoint: str | None = None
         self._proc: subprocess.Popen[bytes] | None = None
@@ -524,7 +530,7 @@ class UpstreamProcess:
         with open(self.log_dir / "upstream.stderr.log", "ab") as stderr:
             self._proc = subprocess.Popen(
                 [sys.executable, "-m", "bench.upstream", "--root", str(self.root), "--port", "0",
-                 "--latency-ms", str(self.latency_ms)],
+                 "--latency-ms", str(self.latency_ms), "--bandwidth-mbps", str(self.bandwidth_mbps)],
                 cwd=REPO_DIR, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=stderr,
                 env=subprocess_env({"PYTHONUNBUFFERED": "1"}), start_new_session=True)
         ready = threading.Event()

@@ -45,7 +45,8 @@ COLUMNS: dict[str, dict[str, pa.DataType]] = {
              "server_core_busy": _F, "server_core_other": _F, "client_core_busy": _F, "client_core_other": _F,
              "latency_us_p99": _F},
     "olap": {**_RUN, "engine": _S, "query": _S, "mode": _S, "seconds": _F, "upstream_GET": _F, "tpch_sf": _F,
-             "rows": _I, "parquet_bytes": _I, "parquet_files": _I, "upstream_latency_ms": _F, "rounds": _I},
+             "rows": _I, "parquet_bytes": _I, "parquet_files": _I, "upstream_latency_ms": _F,
+             "upstream_bandwidth_mbps": _F, "rounds": _I},
     "io": {**_RUN, "kind": _S, "case": _S, "backend": _S, "mbps": _F, "own_cpu_us_per_op": _F,
            "own_cpu_pct": _F, "bound_by": _S, "noise_pct_max": _F, "noise_our_core_pct_max": _F,
            "rounds": _I, "io_threads": _I, "depth": _I, "target_ratio": _F},
@@ -259,7 +260,7 @@ FROM latest GROUP BY engine, query ORDER BY first_row
 """
 _OLAP_SETUP_SQL = """
 SELECT max(tpch_sf) AS sf, max(rows) AS rows, max(parquet_bytes) AS bytes, max(parquet_files) AS files,
-       max(upstream_latency_ms) AS latency_ms
+       max(upstream_latency_ms) AS latency_ms, max(upstream_bandwidth_mbps) AS bandwidth_mbps
 FROM olap WHERE run_id = $run
 """
 _NAMES = {"duckdb": "DuckDB", "datafusion": "DataFusion", "q1": "Q1", "q6": "Q6",
@@ -290,11 +291,14 @@ def olap_table(ctx: SessionContext, run_id: str) -> Table:
             None if setup["bytes"] is None else f"{setup['bytes'] / 1e9:.2f} GB" if setup["bytes"] >= 1e9
             else f"{setup['bytes'] / 1e6:.1f} MB"]
     latency = f"{_plain(setup['latency_ms'])} ms" if setup["latency_ms"] is not None else "unknown"
+    # Older runs recorded no pace: their upstream sent bodies as fast as loopback goes.
+    pace = (f" and each GET's body paced at {_plain(setup['bandwidth_mbps'])} MB/s"
+            if setup["bandwidth_mbps"] else "")
     caption = (f"OLAP ({_describe(run_id, info)}; {_sprox(info)}"
                f"{': cold and warm are both pass-through' if info.get('sprox_mode') == 'passthrough' else ''}): "
                f"TPC-H lineitem{' (' + ', '.join(d for d in data if d) + ')' if any(data) else ''} and a wide table "
                f"(240 columns, 16k-row groups), from an S3-like "
-               f"upstream with {latency} first-byte latency. Seconds (upstream GETs):")
+               f"upstream with {latency} first-byte latency{pace}. Seconds (upstream GETs):")
     table = Table("olap", run_id, caption, ["engine", "query", "direct", "Sprox cold", "Sprox warm", "nginx cold",
                                             "nginx warm", "local files"])
     for r in _rows(ctx, OLAP_SQL, run=run_id):

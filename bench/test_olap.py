@@ -1,5 +1,7 @@
 """OLAP engines reading Parquet over S3: TPC-H lineitem (>= 1 GB of Parquet at the
-full-mode scale factor, 6) served by bench/upstream.py with a 20 ms first-byte latency.
+full-mode scale factor, 6) served by bench/upstream.py as S3 serves it: a 20 ms
+first-byte latency, and each GET's body paced at 80 MB/s (SPROX_BENCH_LATENCY_MS,
+SPROX_BENCH_BANDWIDTH_MBPS).
 
 For DuckDB (httpfs) and DataFusion, four queries (TPC-H Q1 and Q6, a selective range
 of order keys that row-group statistics prune to a few row groups, and `wide`: a third
@@ -216,7 +218,8 @@ def olap(bench_settings, start_sprox, tmp_path_factory) -> Olap:
     data = tpch_data(bench_settings)
     wide_table(data)
     work = tmp_path_factory.mktemp("olap")
-    upstream = UpstreamProcess(work / "upstream", data.root, bench_settings.upstream_latency_ms).start()
+    upstream = UpstreamProcess(work / "upstream", data.root, bench_settings.upstream_latency_ms,
+                               bench_settings.upstream_bandwidth_mbps).start()
     olap = Olap(bench_settings, data, upstream, start_sprox, start_sprox.stop, work,
                 {"duckdb": DuckDBEngine(), "datafusion": DataFusionEngine()}, queries(data), {}, {})
     yield olap
@@ -319,7 +322,8 @@ def test_olap(benchmark, olap: Olap, results, engine: str, query: str, mode: str
     row = {
         "engine": engine, "query": query, "mode": mode, "tpch_sf": olap.data.sf,
         "parquet_bytes": olap.data.total_bytes, "parquet_files": len(olap.data.files), "rows": olap.data.rows,
-        "upstream_latency_ms": settings.upstream_latency_ms, "rounds": len(rounds),
+        "upstream_latency_ms": settings.upstream_latency_ms,
+        "upstream_bandwidth_mbps": settings.upstream_bandwidth_mbps, "rounds": len(rounds),
         "seconds": statistics.median(seconds), "seconds_min": min(seconds), "seconds_all": seconds,
         **{f"upstream_{k}": median_round.get(k) for k in ("GET", "HEAD", "LIST", "OTHER", "get_body_bytes")},
         "upstream_GET_all": [r.get("GET") for r in rounds],

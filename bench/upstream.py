@@ -1,7 +1,7 @@
 """A small S3-like upstream for benchmarks: a directory served as buckets, with an
-injected first-byte latency and request counters.
+injected first-byte latency, a per-request bandwidth cap, and request counters.
 
-    python -m bench.upstream --root DIR [--port 0] [--latency-ms 20]
+    python -m bench.upstream --root DIR [--port 0] [--latency-ms 20] [--bandwidth-mbps 80]
 
 prints ``listening on http://127.0.0.1:PORT`` once it accepts connections. Layout:
 ``DIR/<bucket>/<key>``, every regular file an object. It binds 127.0.0.1 only.
@@ -19,7 +19,9 @@ proxy in front of them):
   ListObjects v1 (``marker``) and ListBuckets.
 - Any ``Authorization`` is accepted and never verified (SigV4 or none).
 - Every S3 request waits ``--latency-ms`` before its response headers, like S3's time
-  to first byte. ``GET /_stats`` (no latency) returns the request counters as JSON;
+  to first byte, and every GET's body is paced at ``--bandwidth-mbps`` megabytes (10^6
+  bytes) per second, like what one S3 GET streams (about 80 MB/s; 0: unpaced). Many
+  GETs in parallel each get the full rate, as on S3. ``GET /_stats`` (no latency) returns the request counters as JSON;
   ``POST /_stats/reset`` zeroes them.
 
 ETags are not MD5s of the content: they are derived from (size, mtime, inode) and
@@ -46,6 +48,7 @@ from aiohttp import web
 
 HOST = "127.0.0.1"
 MAX_KEYS = 1000
+PACE_CHUNK = 256 * 1024  # a paced body goes out in sendfile()s of this much, each on time
 XMLNS = "http://s3.amazonaws.com/doc/2006-03-01/"
 
 
@@ -166,9 +169,10 @@ def check_conditions(request: web.Request, info: ObjectInfo) -> None:
 class Upstream:
     """The aiohttp application and its state."""
 
-    def __init__(self, root: Path, latency: float) -> None:
+    def __init__(self, root: Path, latency: float, bandwidth: float = 0.0) -> None:
         self.root = Path(root).resolve()
         self.latency = latency
+        self.bandwidth = bandwidth  # bytes per second per GET body; 0: unpaced
         self.stats = Stats()
 
     def app(self) -> web.Application:
@@ -287,6 +291,16 @@ class Upstream:
         transport = request.transport
         if transport is None:
             raise ConnectionResetError("client went away")
+        if self.bandwidth > 0:
+            # Paced: each chunk leaves no earlier than its share of the rate allows,
+            # counted from the first byte (so a slow reader is not made up for later).
+            started = loop.time()
+            for at, size, due in pace(count, self.bandwidth, PACE_CHUNK):
+                delay = started + due - loop.time()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                await loop.sendfile(transport, fobj, offset + at, size)
+            return
         try:
             # StreamResponse sends its headers at prepare(), so the file follows them.
             await loop.sendfile(transport, fobj, offset, count)
@@ -413,8 +427,21 @@ class Upstream:
         return web.Response(body="".join(out).encode(), content_type="application/xml")
 
 
-async def serve(root: Path, port: int, latency: float) -> None:
-    upstream = Upstream(root, latency)
+def pace(count: int, bandwidth: float, chunk: int) -> list[tuple[int, int, float]]:
+    """How a body of `count` bytes is paced at `bandwidth` bytes per second: (offset,
+    size, seconds after the first byte when it may leave) for each chunk. The first
+    chunk leaves at once; chunk k when the k chunks before it have had their time."""
+    out = []
+    at = 0
+    while at < count:
+        size = min(chunk, count - at)
+        out.append((at, size, at / bandwidth))
+        at += size
+    return out
+
+
+async def serve(root: Path, port: int, latency: float, bandwidth: float = 0.0) -> None:
+    upstream = Upstream(root, latency, bandwidth)
     runner = web.AppRunner(upstream.app(), access_log=None, handle_signals=False)
     await runner.setup()
     site = web.TCPSite(runner, HOST, port, reuse_address=True)
@@ -427,8 +454,9 @@ async def serve(root: Path, port: int, latency: float) -> None:
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    paced = f"{bandwidth / 1e6:g} MB/s per GET" if bandwidth > 0 else "unpaced"
     print(f"bench upstream listening on http://{HOST}:{bound} (root {upstream.root}, "
-          f"first-byte latency {latency * 1000:.0f} ms)", flush=True)
+          f"first-byte latency {latency * 1000:.0f} ms, {paced})", flush=True)
     try:
         await stop.wait()
     finally:
@@ -441,10 +469,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (0: a free one)")
     parser.add_argument("--latency-ms", type=float, default=20.0,
                         help="first-byte latency added to every S3 request (default 20)")
+    parser.add_argument("--bandwidth-mbps", type=float, default=80.0,
+                        help="each GET body's pace, in MB/s (10^6 bytes); 0: unpaced (default 80)")
     args = parser.parse_args(argv)
     if not args.root.is_dir():
         parser.error(f"--root: {args.root} is not a directory")
-    asyncio.run(serve(args.root, args.port, args.latency_ms / 1000))
+    if args.latency_ms < 0:
+        parser.error("--latency-ms: must be 0 or more")
+    if args.bandwidth_mbps < 0:
+        parser.error("--bandwidth-mbps: must be 0 (unpaced) or more")
+    asyncio.run(serve(args.root, args.port, args.latency_ms / 1000, args.bandwidth_mbps * 1e6))
     return 0
 
 

@@ -70,7 +70,8 @@ def hits_row(case: str, server: str, range_size: int | None, body: int, median: 
 def olap_row(engine: str, query: str, mode: str, seconds: float, gets: int | None) -> dict:
     """As bench/test_olap.py records it."""
     return {"engine": engine, "query": query, "mode": mode, "tpch_sf": 6.0, "parquet_bytes": 1_330_000_000,
-            "parquet_files": 12, "rows": 35_996_850, "upstream_latency_ms": 20.0, "rounds": 2, "seconds": seconds,
+            "parquet_files": 12, "rows": 35_996_850, "upstream_latency_ms": 20.0, "upstream_bandwidth_mbps": 80.0,
+            "rounds": 2, "seconds": seconds,
             "seconds_min": seconds, "seconds_all": [seconds, seconds], "upstream_GET": gets,
             "upstream_HEAD": None if gets is None else 0, "upstream_LIST": None if gets is None else 1,
             "upstream_OTHER": None if gets is None else 0, "upstream_get_body_bytes": None if gets is None else 10**6,
@@ -172,7 +173,7 @@ def test_olap_table_seconds_gets_and_missing_mode(results: Path) -> None:
                                             MISSING, "0.016"]
     assert list(rows) == ["DuckDB Q1", "DataFusion selective"]
     assert "scale factor 6, 36M rows, 12 Parquet files, 1.33 GB" in out
-    assert "20 ms first-byte latency" in out
+    assert "20 ms first-byte latency and each GET's body paced at 80 MB/s" in out
 
 
 def test_io_table_ratios(results: Path) -> None:
