@@ -21,6 +21,7 @@ from aiohttp import web
 from tests.threaded_server import ThreadedServer
 
 _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
+GATE_SECONDS = 10.0
 
 
 @dataclass
@@ -48,6 +49,12 @@ class CountingUpstream(ThreadedServer):
         self.seen: list[Seen] = []
         self.first_byte_delay = first_byte_delay
         self.failing: dict[str, int] = {}  # method -> the 5xx status every such request gets
+        # GETs being answered now, and the most at once since reset_counts(). With
+        # `gate` set, each GET waits (up to GATE_SECONDS) until that many are in flight:
+        # a test sees parallel GETs without relying on timing.
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self.gate = 0
         self.port = 0
         self._lock = threading.Lock()
 
@@ -67,6 +74,7 @@ class CountingUpstream(ThreadedServer):
     def reset_counts(self) -> None:
         with self._lock:
             self.seen.clear()
+            self.max_in_flight = self.in_flight
 
     # -- the server ------------------------------------------------------------------------
 
@@ -75,6 +83,22 @@ class CountingUpstream(ThreadedServer):
         with self._lock:
             self.seen.append(Seen(request.method, path, request.headers.get("Range"),
                                   request.headers.get("If-Match")))
+        if request.method == "GET":
+            with self._lock:
+                self.in_flight += 1
+                self.max_in_flight = max(self.max_in_flight, self.in_flight)
+            try:
+                return await self._answer(request, path)
+            finally:
+                with self._lock:
+                    self.in_flight -= 1
+        return await self._answer(request, path)
+
+    async def _answer(self, request: web.Request, path: str) -> web.StreamResponse:
+        if self.gate:
+            deadline = time.monotonic() + GATE_SECONDS
+            while self.in_flight < self.gate and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)  # polls a condition, bounded by the deadline
         if self.first_byte_delay:
             await asyncio.sleep(self.first_byte_delay)
         if request.method in self.failing:

@@ -4,7 +4,14 @@ A `FillRun` fetches a run of adjacent missing blocks with one ranged GET (carryi
 `If-Match: <etag>`, so bytes of another version can never arrive). Its bytes go into
 per-block `BlockFill` buffers that every waiting reader streams from as they arrive;
 each complete block is written to its block file and only then marked present, after
-which its buffer is dropped and readers continue from the file."""
+which its buffer is dropped and readers continue from the file.
+
+A large miss is cut into parts of at most PART_BYTES, each its own FillRun, fetched in
+parallel (S3 paces each GET, so parallel GETs are how a large read goes fast), at most
+PARTS_PER_REQUEST at a time for one client request and PARTS_PER_PROCESS in all;
+readers still take the bytes in order. A fill whose body breaks midway (a reset, a short
+body) is fetched again alone, from the first byte it is missing, up to PART_RETRIES
+times; one that stalls is not (that would spend --upstream-timeout again)."""
 
 from __future__ import annotations
 
@@ -22,6 +29,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("sprox.cache")
 
 FILLING, PERSISTED, FAILED = "filling", "persisted", "failed"
+PART_BYTES = 8 * 2**20  # a large miss is fetched in ranged GETs of at most this much
+PARTS_PER_REQUEST = 8  # parts of one client request fetched at the same time
+PARTS_PER_PROCESS = 64  # fills (parts or not) fetching at the same time, in all
+PART_RETRIES = 2  # times a fill whose body broke midway is fetched again, from where it stopped
 
 
 class ObjectChanged(Exception):
@@ -75,12 +86,14 @@ class FillRun:
     """Fetches blocks [first, last] of `record` and persists each as it completes."""
 
     def __init__(self, cache: ObjectCache, record: ObjectRecord, first: int, last: int, stats,
-                 response: OriginResponse | None = None) -> None:
+                 response: OriginResponse | None = None, slots: tuple[asyncio.Semaphore, ...] = ()) -> None:
         self.cache = cache
         self.record = record
         self.blocks = [BlockFill(record, i) for i in range(first, last + 1)]
         self.stats = stats
         self.response = response
+        self.slots = slots  # held while fetching: the bounds on parallel fills
+        self.done = 0  # blocks persisted
         self.ready: asyncio.Future = asyncio.get_running_loop().create_future()
 
     @property
@@ -93,55 +106,84 @@ class FillRun:
 
     async def run(self) -> None:
         response = self.response
-        current = 0
+        self.response = None
+        held: list[asyncio.Semaphore] = []
         try:
-            if response is None:
-                response = await self.cache.fetch(self.record, self.start, self.end - 1, self.stats)
-            skip = self._check(response)
-            if not self.ready.done():
-                self.ready.set_result(None)
-            block = self.blocks[0]
-            async for chunk in response.iter_body():
-                self.stats.upstream_bytes += len(chunk)
-                view = memoryview(chunk)
-                if skip:
-                    # The origin ignored Range and sent the object from byte 0.
-                    dropped = min(skip, len(view))
-                    view, skip = view[dropped:], skip - dropped
-                while view and current < len(self.blocks):
-                    if block.data is None:  # failed meanwhile: the record was dropped
-                        raise NotCached("record dropped while filling")
-                    want = block.end - block.start - len(block.data)
-                    block.data += view[:want]
-                    view = view[want:]
-                    block.notify()
-                    if len(block.data) == block.end - block.start:
-                        await self.cache.persist(block)
-                        current += 1
-                        if current < len(self.blocks):
-                            block = self.blocks[current]
-                if current == len(self.blocks):
+            for slot in self.slots:
+                await slot.acquire()
+                held.append(slot)
+            retries = PART_RETRIES
+            while True:
+                offset = self.blocks[self.done].filled_to
+                if response is None:
+                    response = await self.cache.fetch(self.record, offset, self.end - 1, self.stats)
+                skip = self._check(response, offset)
+                if not self.ready.done():
+                    self.ready.set_result(None)
+                try:
+                    await self._take(response, skip)
                     break
-            if current < len(self.blocks):
-                raise UpstreamBodyError("the origin sent fewer bytes than the range it announced")
+                except UpstreamBodyError as exc:
+                    # A stall is not retried: it would spend --upstream-timeout again
+                    # (readers resume from the origin themselves once the fill fails).
+                    if retries == 0 or isinstance(exc.__cause__, asyncio.TimeoutError):
+                        raise
+                    retries -= 1
+                    log.info("fill of %s/%s: the body failed at byte %d (%s): fetching the rest again",
+                             self.record.bucket, self.record.key, self.blocks[self.done].filled_to, exc)
+                    await response.close()
+                    response = None
         except BaseException as exc:
             if not self.ready.done():
                 self.ready.set_exception(exc if not isinstance(exc, asyncio.CancelledError) else NotCached())
                 self.ready.exception()  # retrieved: waiters that gave up must not warn
             failure = exc if isinstance(exc, (NotCached, ObjectChanged, UpstreamBodyError)) else NotCached(str(exc))
-            for block in self.blocks[current:]:
+            for block in self.blocks[self.done:]:
                 block.fail(failure)
             if isinstance(exc, asyncio.CancelledError):
                 raise
             if not isinstance(exc, (NotCached, ObjectChanged, UpstreamBodyError, errors.S3Error)):
                 log.exception("fill of %s/%s failed", self.record.bucket, self.record.key)
         finally:
+            for slot in held:
+                slot.release()
             if response is not None:
                 await response.close()
             self.cache.fill_finished(self)
 
-    def _check(self, response: OriginResponse) -> int:
-        """Validate the origin's answer; returns how many leading bytes to skip."""
+    async def _take(self, response: OriginResponse, skip: int) -> None:
+        """Stream `response` into the blocks from the first one not done (which may hold
+        some bytes already), persisting each as it completes and counting it in
+        `done`. UpstreamBodyError if the body ends or fails early."""
+        current = self.done
+        block = self.blocks[current]
+        async for chunk in response.iter_body():
+            self.stats.upstream_bytes += len(chunk)
+            view = memoryview(chunk)
+            if skip:
+                # The origin ignored Range and sent the object from byte 0.
+                dropped = min(skip, len(view))
+                view, skip = view[dropped:], skip - dropped
+            while view and current < len(self.blocks):
+                if block.data is None:  # failed meanwhile: the record was dropped
+                    raise NotCached("record dropped while filling")
+                want = block.end - block.start - len(block.data)
+                block.data += view[:want]
+                view = view[want:]
+                block.notify()
+                if len(block.data) == block.end - block.start:
+                    await self.cache.persist(block)
+                    current = self.done = current + 1
+                    if current < len(self.blocks):
+                        block = self.blocks[current]
+            if current == len(self.blocks):
+                return
+        if current < len(self.blocks):
+            raise UpstreamBodyError("the origin sent fewer bytes than the range it announced")
+
+    def _check(self, response: OriginResponse, offset: int) -> int:
+        """Validate the origin's answer to a GET from object offset `offset`; returns
+        how many leading bytes to skip."""
         if response.status in (404, 412):
             # 412: If-Match failed; 404: the object is gone. Either way this version is.
             raise ObjectChanged()
@@ -160,9 +202,9 @@ class FillRun:
         if object_size(response.status, response.headers) not in (None, self.record.size):
             raise ObjectChanged()
         if response.status == 200:
-            return self.start  # whole object: skip to our first block
+            return offset  # whole object: skip to the first byte wanted
         content_range = response.headers.get("Content-Range", "")
-        if not content_range.startswith(f"bytes {self.start}-"):
+        if not content_range.startswith(f"bytes {offset}-"):
             raise errors.S3Error("BadGateway", "The origin answered another range than asked.", 502)
         return 0
 

@@ -36,7 +36,18 @@ from ..s3.numbers import decimal
 from ..s3.request import S3Request
 from ..upstream.base import Origin, OriginResponse, UpstreamBodyError
 from .blockfiles import BlockFiles, punch_hole
-from .fill import FAILED, PERSISTED, BlockFill, FillRun, NotCached, ObjectChanged, upstream_failure
+from .fill import (
+    FAILED,
+    PART_BYTES,
+    PARTS_PER_PROCESS,
+    PARTS_PER_REQUEST,
+    PERSISTED,
+    BlockFill,
+    FillRun,
+    NotCached,
+    ObjectChanged,
+    upstream_failure,
+)
 from .io import ALIGNMENT, IOBackend, make_backend
 from .index import CacheIndex
 from .policy import S3FIFO
@@ -127,6 +138,7 @@ class ObjectCache:
         self.stats = CacheStats()
         self._inflight: dict[tuple[int, int], BlockFill] = {}
         self._runs: set[asyncio.Task] = set()
+        self._fetching = asyncio.Semaphore(PARTS_PER_PROCESS)  # fills fetching at once, in all
         self._pins: dict[tuple[int, int], int] = {}
         self._revalidations: dict[tuple[str, str], asyncio.Future] = {}
         # Requests for a key Sprox has no record of wait for the first one to learn it.
@@ -548,13 +560,19 @@ class ObjectCache:
                 self.policy.hit((record.id, i))
             else:
                 missing.append(i)
-        for run_first, run_last in _runs_of(missing):
-            run = self._start_run(record, run_first, run_last, request.stats)
+        parts = _parts(_runs_of(missing), max(1, PART_BYTES // record.block_size))
+        # Parts beyond PARTS_PER_REQUEST wait for one of this request's to finish (and
+        # every fill for a process-wide slot), in order: readers want the first first.
+        slots = (asyncio.Semaphore(PARTS_PER_REQUEST), self._fetching) if len(parts) > 1 else (self._fetching,)
+        for run_first, run_last in parts:
+            run = self._start_run(record, run_first, run_last, request.stats, slots=slots)
             new_runs.append(run)
             fills.update((b.index, b) for b in run.blocks)
-        # Learn whether the origin still has this version before sending any header.
-        for run in new_runs:
-            await asyncio.shield(run.ready)
+        # Learn whether the origin still has this version before sending any header
+        # (the first part's answer says; a later part that finds it changed cuts the
+        # answer short, as any failure once the header is out does).
+        if new_runs:
+            await asyncio.shield(new_runs[0].ready)
         # MISS: this request fetched every block it needed from the origin; PARTIAL:
         # some; HIT: none (blocks on disk, or joined a fill another request started).
         fetched = sum(len(run.blocks) for run in new_runs)
@@ -668,8 +686,8 @@ class ObjectCache:
     # -- fills ----------------------------------------------------------------------------------------
 
     def _start_run(self, record: ObjectRecord, first: int, last: int, stats,
-                   response: OriginResponse | None = None) -> FillRun:
-        run = FillRun(self, record, first, last, stats, response)
+                   response: OriginResponse | None = None, slots: tuple[asyncio.Semaphore, ...] = ()) -> FillRun:
+        run = FillRun(self, record, first, last, stats, response, slots)
         for block in run.blocks:
             self._inflight[(record.id, block.index)] = block
         task = asyncio.get_running_loop().create_task(run.run(), name=f"fill {record.key}")
@@ -820,6 +838,16 @@ def _asks_full_checksums(request: S3Request) -> bool:
 def _modified_seconds(http_date: str) -> float:
     # Parsing an HTTP date costs ~8 us with email.utils: once per record is enough.
     return conditions.parse_http_date(http_date) or 0.0
+
+
+def _parts(runs: list[tuple[int, int]], blocks_per_part: int) -> list[tuple[int, int]]:
+    """Runs cut into parts of at most `blocks_per_part` blocks, in order: [(0, 9)] with
+    4 per part -> [(0, 3), (4, 7), (8, 9)]."""
+    parts: list[tuple[int, int]] = []
+    for first, last in runs:
+        for start in range(first, last + 1, blocks_per_part):
+            parts.append((start, min(start + blocks_per_part - 1, last)))
+    return parts
 
 
 def _runs_of(indexes: list[int]) -> list[tuple[int, int]]:

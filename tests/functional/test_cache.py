@@ -100,6 +100,33 @@ def test_missing_blocks_are_fetched_in_one_merged_ranged_get_with_if_match(start
     assert all(s.if_match == etag for s in fills)
 
 
+def test_a_large_miss_is_fetched_in_parallel_parts_of_at_most_8_mib(start_sprox, tmp_path):
+    """A read of many missing blocks is cut into ranged GETs of at most PART_BYTES, in
+    flight at the same time (the upstream holds each GET until three are: without
+    parallel parts it would wait out its gate), each pinned to the version; the client
+    gets the bytes in order."""
+    from sprox.cache.fill import PART_BYTES
+
+    with CountingUpstream() as upstream:
+        proc = start(start_sprox, tmp_path, upstream)
+        size = 20 * 2**20 + 5
+        etag = upstream.put("bkt", "large", object_bytes("large", size))
+        assert get(proc, "large", "bytes=0-0")[0] == 206  # learns the object; block 0 cached
+        upstream.reset_counts()
+        upstream.gate = 3
+        status, headers, body = get(proc, "large")
+        assert status == 200 and headers["x-cache"] == "PARTIAL"
+        assert len(body) == size and check_bytes("large", 0, body) is None
+        per_part = PART_BYTES // BLOCK
+        last_block = (size - 1) // BLOCK
+        expected = [(first * BLOCK, min((first + per_part) * BLOCK, size) - 1)
+                    for first in range(1, last_block + 1, per_part)]
+        fills = [s for s in upstream.seen if s.method == "GET"]
+        assert sorted(s.range for s in fills) == sorted(f"bytes={a}-{b}" for a, b in expected)
+        assert len(expected) == 3 and all(s.if_match == etag for s in fills)
+        assert upstream.max_in_flight == 3
+
+
 def test_fifty_concurrent_clients_on_a_cold_block_make_one_upstream_get(start_sprox, tmp_path):
     with CountingUpstream(first_byte_delay=0.3) as slow:
         proc = start(start_sprox, tmp_path, slow)

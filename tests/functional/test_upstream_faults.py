@@ -373,7 +373,16 @@ def test_cache_a_fill_cut_once_is_resumed_from_the_origin_and_the_client_gets_ev
     assert sprox.stop_and_check_cache({key: (key, SIZE)}) == 6
 
 
-@pytest.mark.parametrize("fault, params", MID_BODY_FAULTS)
+# Cut every time after 5,000 bytes: too few for the fill's retries (each resumes where
+# the last one stopped) and the reader's own resume ever to complete a block.
+CUT_EVERY_TIME_FAULTS = [
+    pytest.param(Fault.RESET_MID_BODY, {"after": 5_000}, id="reset"),
+    pytest.param(Fault.TRUNCATE, {"after": 5_000}, id="truncate"),
+    pytest.param(Fault.LONG_LENGTH, {"extra": 1000}, id="long-content-length"),
+]
+
+
+@pytest.mark.parametrize("fault, params", CUT_EVERY_TIME_FAULTS)
 def test_cache_a_fill_cut_every_time_cuts_the_client_short_and_publishes_nothing_wrong(
         start_sprox, tmp_path, origin, fault, params):
     sprox = Sprox(start_sprox, tmp_path, origin, "cache")
@@ -418,7 +427,8 @@ def test_aiohttp_sees_a_truncated_fill_as_an_error(start_sprox, tmp_path, origin
     sprox = Sprox(start_sprox, tmp_path, origin, "cache")
     key = "aio"
     origin.put(key)
-    origin.proxy.inject(Fault.TRUNCATE, key=key, times=None, after=2 * BLOCK + 7)
+    # Every GET cut after 7 bytes: the fill's retries and the reader's resume never finish.
+    origin.proxy.inject(Fault.TRUNCATE, key=key, times=None, after=7)
 
     async def read() -> bytes:
         async with aiohttp.ClientSession() as session, session.get(f"{sprox.endpoint}/{BUCKET}/{key}") as response:
@@ -430,6 +440,28 @@ def test_aiohttp_sees_a_truncated_fill_as_an_error(start_sprox, tmp_path, origin
     origin.proxy.clear()
     assert asyncio.run(read()) == object_bytes(key, SIZE)
     sprox.stop_and_check_cache({key: (key, SIZE)})
+
+
+@pytest.mark.parametrize("fault", [Fault.RESET_MID_BODY, Fault.TRUNCATE])
+def test_a_fill_cut_once_is_fetched_again_alone_from_where_it_stopped(start_sprox, tmp_path, origin, fault):
+    """The fill's GET breaks after 100,000 bytes: the fill asks again for the rest only
+    (If-Match, Range from the first byte it lacks), the client gets every byte without
+    a cut, and the whole object is cached."""
+    sprox = Sprox(start_sprox, tmp_path, origin, "cache")
+    key = "once"
+    etag = origin.put(key)
+    origin.proxy.inject(fault, key=key, times=1, after=100_000)
+
+    assert_exact(sprox.get(key), key, 0, SIZE - 1)
+    gets = origin.proxy.requests("GET", key)
+    assert len(gets) == 2 and gets[0].fault == fault and gets[1].fault is None
+    # From the first byte the fill lacks: what arrived before the cut (all of it, or
+    # none, as the HTTP client delivers it) is kept.
+    resumed_at = int(gets[1].range.removeprefix("bytes=").split("-")[0])
+    assert 0 <= resumed_at <= 100_000 and gets[1].range == f"bytes={resumed_at}-{SIZE - 1}"
+    assert gets[1].if_match == etag
+    assert sprox.get(key).headers["x-cache"] == "HIT"
+    assert sprox.stop_and_check_cache({key: (key, SIZE)}) == 6
 
 
 # -- Content-Length that disagrees with the body ---------------------------------------------------
