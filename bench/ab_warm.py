@@ -11,8 +11,9 @@ nginx, the one request of a warm query that reaches the upstream (neither caches
 listings by default).
 
 Same data, upstream (20 ms first-byte latency, `--latency-ms`; GET bodies paced as
-SPROX_BENCH_BANDWIDTH_MBPS says, 80 MB/s by default) and servers as test_olap.py; everything binds 127.0.0.1, runs a bounded number of sessions and stops
-what it started. Prints the medians; `bench/README.md` says when to use it.
+SPROX_BENCH_BANDWIDTH_MBPS says, 80 MB/s by default) and servers as test_olap.py;
+everything binds 127.0.0.1, runs a bounded number of sessions and stops what it
+started. Prints the medians; `bench/README.md` says when to use it.
 """
 
 from __future__ import annotations

@@ -347,7 +347,8 @@ def kernel_batch(log: tuple) -> pa.RecordBatch:
         fixed(SCHEMA.field("time").type, time_us),
         strings(request_id), strings(operation), strings(bucket), strings(key), strings(range_),
         fixed(pa.int16(), status), fixed(pa.int64(), bytes_sent), strings(cache),
-        fixed(pa.int32(), upstream_requests), fixed(pa.int64(), upstream_bytes), fixed(pa.float64(), latency_ms), strings(user_agent), strings(access_key),
+        fixed(pa.int32(), upstream_requests), fixed(pa.int64(), upstream_bytes), fixed(pa.float64(), latency_ms),
+        strings(user_agent), strings(access_key),
         fixed(pa.int64(), first_byte[1], first_byte[0]), fixed(pa.int64(), object_size),
     ]
     return pa.RecordBatch.from_arrays(columns, schema=SCHEMA)
