@@ -67,8 +67,10 @@ def default_cache_dir() -> Path:
 
 GiB = 1024**3
 MiB = 1024**2
+KiB = 1024
 MIN_BLOCK_SIZE = 64 * 1024
 MAX_BLOCK_SIZE = 64 * MiB
+PREFETCH_MODES = ("parquet", "off")
 
 
 @dataclass(frozen=True)
@@ -95,7 +97,7 @@ class Config:
     config: Path | None = None
     cache_dir: Path | None = None  # None: default_cache_dir()
     cache_size: int = 10 * GiB
-    block_size: int = 4 * MiB
+    block_size: int = 128 * KiB  # the fill unit: a miss fetches what is read, rounded to blocks
     ttl: float = 60.0
     list_ttl: float = 0.0
     no_cache: bool = False
@@ -103,6 +105,7 @@ class Config:
     event_loop: str = "auto"
     io_uring: bool = False
     direct_io: bool = False
+    prefetch: str = "parquet"
 
     def __post_init__(self) -> None:
         # Embedding code may pass plain strings for paths (Sprox(origin_dir="/data")).
@@ -276,7 +279,7 @@ SETTINGS: tuple[Setting, ...] = (
             "$XDG_CACHE_HOME/sprox, else ~/.cache/sprox)", _parse_path, metavar="DIR"),
     Setting("cache_size", "disk budget for cached bytes, e.g. 50GiB (default 10GiB)", parse_size,
             metavar="SIZE"),
-    Setting("block_size", "cache block size, 64KiB to 64MiB, a multiple of 4KiB (default 4MiB)",
+    Setting("block_size", "cache block size, 64KiB to 64MiB, a multiple of 4KiB (default 128KiB)",
             parse_size, metavar="SIZE"),
     Setting("ttl", "seconds an object's cached record is trusted before it is revalidated "
             "with the upstream (default 60)", _parse_float, metavar="SECONDS"),
@@ -289,6 +292,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("event_loop", "the event loop: auto (uvloop when installed, else the standard loop; the "
             "default), asyncio (the standard loop) or uvloop (an error if it is not installed)",
             choices=EVENT_LOOPS),
+    Setting("prefetch", "read ahead of Parquet scans: parquet (the default: once a .parquet object's "
+            "footer is known, a read of a column chunk fetches the same column's next row groups in the "
+            "background) or off", choices=PREFETCH_MODES),
     Setting("direct_io", "write cache fills and read cold blocks with O_DIRECT (aligned buffers), "
             "so filling the cache does not evict hot bytes from the page cache", _parse_bool, switch=True),
     Setting("admin_port", "serve the admin routes (/_sprox/health, cache stats and purge, metrics) "
@@ -465,6 +471,8 @@ def _validate(c: Config) -> None:
         raise ConfigError("--cache-size", f"{c.cache_size} bytes is smaller than one block ({c.block_size})")
     if c.event_loop not in EVENT_LOOPS:
         raise ConfigError("--event-loop", f"{c.event_loop!r} is not one of {', '.join(EVENT_LOOPS)}")
+    if c.prefetch not in PREFETCH_MODES:
+        raise ConfigError("--prefetch", f"{c.prefetch!r} is not one of {', '.join(PREFETCH_MODES)}")
     if c.io_backend not in IO_BACKENDS:
         raise ConfigError("--io-backend", f"{c.io_backend!r} is not one of {', '.join(IO_BACKENDS)}")
     if c.io_uring and c.io_backend not in ("auto", "uring"):

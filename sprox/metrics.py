@@ -150,4 +150,22 @@ def render(requests: RequestMetrics, cache=None, fast_lane_hits: int = 0, connec
                [f"sprox_cache_fills_total {cache.stats.fills}"])
         metric("sprox_cache_fill_seconds", "histogram", "How long fills took, first request to last block "
                "stored.", cache.fill_seconds.lines("sprox_cache_fill_seconds"))
+        if cache.prefetch is not None:
+            p = cache.prefetch.stats
+            metric("sprox_prefetch_requests_total", "counter", "Upstream GETs Sprox sent ahead of clients "
+                   "(Parquet footers and the column chunks a scan reads next).",
+                   [f"sprox_prefetch_requests_total {p.requests}"])
+            metric("sprox_prefetch_bytes_total", "counter", "Prefetched bytes: fetched from the upstream; "
+                   "used (later read by a client); wasted (evicted or dropped unread).",
+                   [f'sprox_prefetch_bytes_total{{outcome="fetched"}} {p.fetched_bytes}',
+                    f'sprox_prefetch_bytes_total{{outcome="used"}} {p.used_bytes}',
+                    f'sprox_prefetch_bytes_total{{outcome="wasted"}} {p.wasted_bytes}'])
+            metric("sprox_prefetch_in_flight_bytes", "gauge", "Bytes of prefetch fills not finished yet.",
+                   [f"sprox_prefetch_in_flight_bytes {cache.prefetch.in_flight_bytes}"])
+            metric("sprox_prefetch_failures_total", "counter", "Prefetch fills that failed (logged, never a "
+                   "client's error).", [f"sprox_prefetch_failures_total {p.failures}"])
+            metric("sprox_prefetch_layouts_total", "counter", "Parquet footers read: parsed into a layout, "
+                   "or refused (not Parquet, or lying about offsets: no prefetch).",
+                   [f'sprox_prefetch_layouts_total{{result="parsed"}} {p.layouts}',
+                    f'sprox_prefetch_layouts_total{{result="refused"}} {p.not_parquet}'])
     return "\n".join(out) + "\n"

@@ -120,7 +120,8 @@ class Sprox:
 
             self.cache = ObjectCache(self.origin, cache_dir, capacity=self.config.cache_size,
                                      block_size=self.config.block_size, ttl=self.config.ttl,
-                                     io_backend=self.config.cache_io, direct_io=self.config.direct_io)
+                                     io_backend=self.config.cache_io, direct_io=self.config.direct_io,
+                                     prefetch=self.config.prefetch)
         listings = None
         if self.config.list_ttl > 0:
             from .cache.listings import ListingCache
@@ -132,6 +133,8 @@ class Sprox:
         self.frontend = FrontEnd(self.origin, verifier=verifier, domain=self.config.domain, cache=self.cache,
                                  listings=listings, access_log=self.access_log,
                                  key_rights=self.config.key_rights)
+        if self.cache is not None and self.cache.prefetch is not None:
+            self.cache.prefetch.record_access = self.access_log.record  # its GETs, and their use
         self._runner: web.AppRunner | None = None
         self._lanes: LaneServer | None = None
         self._listener: asyncio.Server | None = None

@@ -55,6 +55,12 @@ class CountingUpstream(ThreadedServer):
         self.in_flight = 0
         self.max_in_flight = 0
         self.gate = 0
+        # GETs whose range starts at or past this offset answer 500 (None: none do): a
+        # test fails Sprox's reads of part of an object and not the rest.
+        self.fail_from: int | None = None
+        # GETs whose range starts at or past `slow_from` wait `slow_seconds` more.
+        self.slow_from: int | None = None
+        self.slow_seconds = 0.0
         self.port = 0
         self._lock = threading.Lock()
 
@@ -103,6 +109,13 @@ class CountingUpstream(ThreadedServer):
             await asyncio.sleep(self.first_byte_delay)
         if request.method in self.failing:
             return web.Response(status=self.failing[request.method])
+        if request.method == "GET" and (self.fail_from is not None or self.slow_from is not None):
+            match = _RANGE.match(request.headers.get("Range", ""))
+            start = int(match.group(1)) if match and match.group(1) else None
+            if start is not None and self.fail_from is not None and start >= self.fail_from:
+                return web.Response(status=500)
+            if start is not None and self.slow_from is not None and start >= self.slow_from:
+                await asyncio.sleep(self.slow_seconds)
         name = path.lstrip("/")
         if request.method == "PUT":
             self.put(*name.split("/", 1), await request.read(),

@@ -14,6 +14,12 @@ DataFusion SQL; and what other cache sizes would have done (`whatif.py`).
   without Sprox) minus the upstream requests Sprox made for them. Bytes avoided: bytes
   sent minus bytes fetched. Both are net: a cold cache that over-fetches shows
   negative savings, as it should.
+- prefetch: Sprox's own GETs ahead of clients (access-log rows of operation `Prefetch`:
+  cache `PREFETCH` rows are the GETs, with their upstream bytes; `USED` and `WASTED`
+  rows count prefetched bytes later read by a client, or evicted unread, in
+  `bytes_sent`). They are not client requests: not in the request counts, but their
+  upstream requests and bytes are in every upstream total and are subtracted from the
+  savings.
 - dollars saved: GETs avoided at `Prices.get_per_1000` per 1,000 plus bytes avoided at
   `Prices.transfer_per_gb` per GB (10^9 bytes). Defaults: S3 Standard GET requests
   ($0.0004 per 1,000) and data transfer out to the internet ($0.09 per GB); set your
@@ -39,6 +45,7 @@ from .accesslog import read_access_log
 DEFAULT_GET_PRICE = 0.0004  # dollars per 1,000 GET requests (S3 Standard)
 DEFAULT_TRANSFER_PRICE = 0.09  # dollars per GB transferred out (S3, first 10 TB/month)
 OBJECT_READS = "('GetObject', 'HeadObject')"
+CLIENT_REQUESTS = "operation <> 'Prefetch'"  # Sprox's own prefetch rows are not requests
 CACHED = "('HIT', 'MISS', 'PARTIAL')"
 # Bytes a request was served from the cache: what it sent beyond what it fetched.
 CACHED_BYTES = "CASE WHEN bytes_sent > upstream_bytes THEN bytes_sent - upstream_bytes ELSE 0 END"
@@ -59,7 +66,7 @@ class Prices:
 
 
 def build_report(logs: Path, *, since: datetime | None = None, until: datetime | None = None,
-                 prices: Prices = Prices(), block_size: int = 4 * 1024 * 1024,
+                 prices: Prices = Prices(), block_size: int = 128 * 1024,
                  cache_size: int | None = None, curve: bool = True) -> dict[str, Any]:
     from datafusion import SessionContext
 
@@ -84,6 +91,7 @@ def build_report(logs: Path, *, since: datetime | None = None, until: datetime |
         FROM log WHERE operation IN {OBJECT_READS} AND cache IS NOT NULL
         GROUP BY cache ORDER BY cache""")
     report["hit_ratio"] = _ratios(rows)
+    report["prefetch"] = _prefetch(rows)
     report["savings"] = _savings(rows, prices)
     report["over_time"] = _over_time(rows, report["period"])
     for name, expr in (("by_bucket", "bucket"),
@@ -124,14 +132,16 @@ def _window(table: pa.Table, since: datetime | None, until: datetime | None) -> 
 
 
 def _period(rows, since, until) -> dict[str, Any]:
-    (row,) = rows("SELECT min(time) AS first, max(time) AS last, count(*) AS requests FROM log")
+    (row,) = rows(f"SELECT min(time) AS first, max(time) AS last, count(*) AS requests FROM log "
+                  f"WHERE {CLIENT_REQUESTS}")
     return {"since": _iso(since), "until": _iso(until), "first_request": _iso(row["first"]),
             "last_request": _iso(row["last"]), "requests": row["requests"]}
 
 
 def _totals(rows) -> dict[str, Any]:
     (row,) = rows(f"""
-        SELECT count(*) AS requests, coalesce(sum(bytes_sent), 0) AS bytes_sent,
+        SELECT coalesce(sum(CASE WHEN {CLIENT_REQUESTS} THEN 1 ELSE 0 END), 0) AS requests,
+               coalesce(sum(CASE WHEN {CLIENT_REQUESTS} THEN bytes_sent ELSE 0 END), 0) AS bytes_sent,
                coalesce(sum(CASE WHEN operation IN {OBJECT_READS} THEN 1 ELSE 0 END), 0) AS object_reads,
                coalesce(sum(upstream_requests), 0) AS upstream_requests,
                coalesce(sum(upstream_bytes), 0) AS upstream_bytes,
@@ -157,9 +167,11 @@ def _ratios(rows) -> dict[str, Any]:
 
 def _savings(rows, prices: Prices) -> dict[str, Any]:
     (row,) = rows(f"""
-        SELECT count(*) AS object_reads, coalesce(sum(upstream_requests), 0) AS upstream_requests,
-               coalesce(sum(bytes_sent), 0) AS bytes_sent, coalesce(sum(upstream_bytes), 0) AS upstream_bytes
-        FROM log WHERE operation IN {OBJECT_READS}""")
+        SELECT coalesce(sum(CASE WHEN operation IN {OBJECT_READS} THEN 1 ELSE 0 END), 0) AS object_reads,
+               coalesce(sum(upstream_requests), 0) AS upstream_requests,
+               coalesce(sum(CASE WHEN operation IN {OBJECT_READS} THEN bytes_sent ELSE 0 END), 0) AS bytes_sent,
+               coalesce(sum(upstream_bytes), 0) AS upstream_bytes
+        FROM log WHERE operation IN {OBJECT_READS} OR (operation = 'Prefetch' AND cache = 'PREFETCH')""")
     gets = row["object_reads"] - row["upstream_requests"]
     transferred = row["bytes_sent"] - row["upstream_bytes"]
     get_dollars = gets / 1000 * prices.get_per_1000
@@ -167,6 +179,19 @@ def _savings(rows, prices: Prices) -> dict[str, Any]:
     return {**row, "upstream_gets_avoided": gets, "upstream_bytes_avoided": transferred,
             "dollars_saved_requests": get_dollars, "dollars_saved_transfer": byte_dollars,
             "dollars_saved": get_dollars + byte_dollars}
+
+
+def _prefetch(rows) -> dict[str, Any]:
+    (row,) = rows("""
+        SELECT coalesce(sum(CASE WHEN cache = 'PREFETCH' THEN upstream_requests ELSE 0 END), 0) AS requests,
+               coalesce(sum(CASE WHEN cache = 'PREFETCH' THEN upstream_bytes ELSE 0 END), 0) AS fetched_bytes,
+               coalesce(sum(CASE WHEN cache = 'PREFETCH' AND status >= 400 THEN 1 ELSE 0 END), 0) AS failures,
+               coalesce(sum(CASE WHEN cache = 'USED' THEN bytes_sent ELSE 0 END), 0) AS used_bytes,
+               coalesce(sum(CASE WHEN cache = 'WASTED' THEN bytes_sent ELSE 0 END), 0) AS wasted_bytes
+        FROM log WHERE operation = 'Prefetch'""")
+    # Prefetched bytes still cached and not read yet are neither used nor wasted.
+    row["used_ratio"] = _ratio(row["used_bytes"], row["used_bytes"] + row["wasted_bytes"])
+    return row
 
 
 def _over_time(rows, period: dict[str, Any]) -> dict[str, Any]:
@@ -290,6 +315,13 @@ def render_text(report: dict[str, Any]) -> str:
     p = report["prices"]
     add(f"  saved:         ${s['dollars_saved']:.4f}  (${p['get_per_1000']}/1,000 GETs: "
         f"${s['dollars_saved_requests']:.4f}; ${p['transfer_per_gb']}/GB: ${s['dollars_saved_transfer']:.4f})")
+    f = report.get("prefetch")
+    if f and f["requests"]:
+        add("")
+        add("Prefetch (Parquet scans, ahead of clients)")
+        add(f"  GETs: {f['requests']}  fetched: {format_bytes(f['fetched_bytes'])}  failed: {f['failures']}")
+        add(f"  used: {format_bytes(f['used_bytes'])}  wasted: {format_bytes(f['wasted_bytes'])}  "
+            f"(used share of decided bytes: {pct(f['used_ratio'])}; the rest is cached, not read yet)")
     if report["latency_ms"]:
         add("")
         add("Latency of GETs (ms)      p50       p90       p99       max")

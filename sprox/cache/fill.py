@@ -95,6 +95,8 @@ class FillRun:
         self.slots = slots  # held while fetching: the bounds on parallel fills
         self.done = 0  # blocks persisted
         self.ready: asyncio.Future = asyncio.get_running_loop().create_future()
+        # Done when the run has ended, however it ended (its blocks say how).
+        self.finished: asyncio.Future = asyncio.get_running_loop().create_future()
 
     @property
     def start(self) -> int:
@@ -147,9 +149,13 @@ class FillRun:
         finally:
             for slot in held:
                 slot.release()
-            if response is not None:
-                await response.close()
-            self.cache.fill_finished(self)
+            try:
+                if response is not None:
+                    await response.close()
+            finally:
+                self.cache.fill_finished(self)
+                if not self.finished.done():
+                    self.finished.set_result(None)
 
     async def _take(self, response: OriginResponse, skip: int) -> None:
         """Stream `response` into the blocks from the first one not done (which may hold

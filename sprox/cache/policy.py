@@ -213,6 +213,25 @@ class S3FIFO:
             self.small_bytes += size
             self.small_count += 1
 
+    def promote(self, key: Key) -> None:
+        """Move a block of the small queue to the main one now, as if it had been read
+        again: for bytes known to be read by every later reader (a Parquet footer)."""
+        record = self.records.get(key[0])
+        if record is None or key[1] >= len(record.states):
+            return
+        state = record.states[key[1]]
+        if not state & _SMALL:
+            return
+        size = record.size(key[1])
+        # Its id stays in the small queue, stale (no _SMALL bit): skipped when popped.
+        record.states[key[1]] = _MAIN | (state & _FREQ)
+        self.small_bytes -= size
+        self.small_count -= 1
+        self.main_bytes += size
+        self.main_count += 1
+        self.main.push(_pack(key))
+        self._maybe_compact()
+
     def hit(self, key: Key, times: int = 1) -> None:
         """`key` was read `times` times: its frequency rises by as much, up to MAX_FREQ."""
         record = self.records.get(key[0])

@@ -29,6 +29,7 @@ from pathlib import Path
 
 from multidict import CIMultiDict, CIMultiDictProxy, MultiDict, MultiDictProxy
 
+from ..config import PREFETCH_MODES
 from ..metrics import FILL_BUCKETS, Histogram
 from ..ranges import RangeNotSatisfiable, block_span, content_range, parse_range
 from ..s3 import conditions, errors
@@ -51,6 +52,7 @@ from .fill import (
 from .io import ALIGNMENT, IOBackend, make_backend
 from .index import CacheIndex
 from .policy import S3FIFO
+from .prefetch import Prefetcher
 from .records import ObjectRecord, checksum_headers, response_headers, wants_checksums
 
 log = logging.getLogger("sprox.cache")
@@ -120,7 +122,8 @@ class CacheStats:
 
 class ObjectCache:
     def __init__(self, origin: Origin, directory: Path, *, capacity: int, block_size: int, ttl: float,
-                 io_backend: str = "auto", io_threads: int = 16, direct_io: bool = False) -> None:
+                 io_backend: str = "auto", io_threads: int = 16, direct_io: bool = False,
+                 prefetch: str = "parquet") -> None:
         self.origin = origin
         self.io_choice = io_backend
         # O_DIRECT fills and cold reads (--direct-io): the page cache keeps what clients
@@ -146,6 +149,9 @@ class ObjectCache:
         # Bumped on every invalidation of a key, so a fill that started before a write
         # cannot install the old version's record after the write returned.
         self._generation: dict[tuple[str, str], int] = {}
+        if prefetch not in PREFETCH_MODES:
+            raise ValueError(f"prefetch: {prefetch!r} is not one of {PREFETCH_MODES}")
+        self.prefetch = Prefetcher(self) if prefetch == "parquet" else None
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -180,6 +186,8 @@ class ObjectCache:
     async def close(self, grace: float = 10.0) -> None:
         """Let fills in flight finish (their bytes were probably just served), for up
         to `grace` seconds; then cancel the rest and flush the index."""
+        if self.prefetch is not None:
+            await self.prefetch.close()
         if self._runs:
             await asyncio.wait(list(self._runs), timeout=grace)
         for task in list(self._runs):
@@ -354,6 +362,10 @@ class ObjectCache:
             last_block = (end_offset - 1) // bs
             if response.status == 200:
                 first_block = 0
+            # This answer feeds the first part only, and is then closed (unread bytes
+            # are not drained): the rest of a large read is planned by _serve_known,
+            # in parallel parts, now that the object's size is known.
+            last_block = min(last_block, first_block + max(1, PART_BYTES // bs) - 1)
             run = self._start_run(record, first_block, last_block, request.stats, response)
             fills = {b.index: b for b in run.blocks}
         else:
@@ -506,6 +518,9 @@ class ObjectCache:
         policy_hit = self.policy.hit
         for record_id, block, times in blocks:
             policy_hit((record_id, block), times)
+        if self.prefetch is not None and self.prefetch.has_unread:
+            for record_id, block, _times in blocks:
+                self.prefetch.blocks_read(record_id, block)
 
     def hold_blocks(self, record_id: int, first_block: int, last_block: int) -> tuple[ObjectRecord, int] | None:
         """Keep a record's blocks from eviction, and its file open, while an answer the
@@ -525,6 +540,9 @@ class ObjectCache:
         """The plan is being sent: count it, and keep its blocks from eviction."""
         for key in plan.blocks:
             self.policy.hit(key)
+        if self.prefetch is not None and self.prefetch.has_unread:
+            for record_id, block in plan.blocks:
+                self.prefetch.blocks_read(record_id, block)
         self._pin(list(plan.blocks))
         self._count("HIT")
         request.stats.cache = "HIT"
@@ -550,6 +568,7 @@ class ObjectCache:
         await self._verify_after_restart(record, first_block, last_block)
         new_runs: list[FillRun] = []
         missing: list[int] = []
+        prefetch = self.prefetch
         for i in range(first_block, last_block + 1):
             if i in fills:
                 continue
@@ -560,6 +579,9 @@ class ObjectCache:
                 self.policy.hit((record.id, i))
             else:
                 missing.append(i)
+                continue
+            if prefetch is not None:
+                prefetch.blocks_read(record.id, i)
         parts = _parts(_runs_of(missing), max(1, PART_BYTES // record.block_size))
         # Parts beyond PARTS_PER_REQUEST wait for one of this request's to finish (and
         # every fill for a process-wide slot), in order: readers want the first first.
@@ -585,10 +607,14 @@ class ObjectCache:
             outcome = "PARTIAL"
         self._count(outcome)
         request.stats.cache = outcome
-        body = self._body(request, record, first, last, fills)
+        if prefetch is not None:
+            if missing:
+                prefetch.client_missed(record, missing[0], missing[-1])
+            prefetch.client_read(record, first, last)
+        body = self._body(request.stats, record, first, last, fills)
         return CachedAnswer(status, headers, length, outcome, body=body)
 
-    async def _body(self, request: S3Request, record: ObjectRecord, first: int, last: int,
+    async def _body(self, stats, record: ObjectRecord, first: int, last: int,
                     fills: dict[int, BlockFill]) -> AsyncIterator:
         fd = self.files.acquire(record)
         pins: list[tuple[int, int]] = []
@@ -600,7 +626,7 @@ class ObjectCache:
                 if fill is None or fill.state == PERSISTED:
                     if not record.has(index):
                         # Evicted or dropped while we were reading: fetch the rest directly.
-                        async for chunk in self._fetch_direct(record, pos, last, request.stats):
+                        async for chunk in self._fetch_direct(record, pos, last, stats):
                             yield chunk
                         return
                     # One span over every consecutive block on disk: one sendfile.
@@ -618,7 +644,7 @@ class ObjectCache:
                     pos = end
                     continue
                 if fill.state == FAILED:
-                    async for chunk in self._fetch_direct(record, pos, last, request.stats):
+                    async for chunk in self._fetch_direct(record, pos, last, stats):
                         yield chunk
                     return
                 available = fill.filled_to
@@ -703,6 +729,52 @@ class ObjectCache:
             if self._inflight.get((run.record.id, block.index)) is block:
                 del self._inflight[(run.record.id, block.index)]
 
+    def in_flight(self, record: ObjectRecord, index: int) -> bool:
+        return (record.id, index) in self._inflight
+
+    def start_prefetch(self, record: ObjectRecord, first: int, last: int, stats) -> FillRun:
+        """Fetch blocks first..last (missing, none in flight) in the background. A
+        prefetch takes no fetching slot: the prefetcher bounds its own."""
+        return self._start_run(record, first, last, stats)
+
+    def admit_metadata(self, record: ObjectRecord, start: int) -> None:
+        """Bytes from `start` to the end of `record` are read by every query of it (a
+        Parquet footer and page indexes): their blocks go to the main queue."""
+        for i in range(start // record.block_size, record.block_count):
+            if record.has(i):
+                self.policy.promote((record.id, i))
+
+    async def read_bytes(self, record: ObjectRecord, first: int, last: int, stats) -> bytes:
+        """Bytes first..last of `record`, through the cache: blocks on disk are read,
+        missing ones fetched (or joined) and cached. For Sprox's own reads (a Parquet
+        footer); raises what a fill raises (ObjectChanged, S3Error, NotCached ...)."""
+        first_block, last_block = block_span(first, last, record.block_size)
+        await self._verify_after_restart(record, first_block, last_block)
+        fills: dict[int, BlockFill] = {}
+        missing: list[int] = []
+        for i in range(first_block, last_block + 1):
+            inflight = self._inflight.get((record.id, i))
+            if inflight is not None:
+                fills[i] = inflight
+            elif not record.has(i):
+                missing.append(i)
+        for run_first, run_last in _runs_of(missing):
+            run = self._start_run(record, run_first, run_last, stats, slots=(self._fetching,))
+            fills.update((b.index, b) for b in run.blocks)
+        loop = asyncio.get_running_loop()
+        pieces: list[bytes] = []
+        async for piece in self._body(stats, record, first, last, fills):
+            if isinstance(piece, FileSpan):
+                # (The span's descriptor is not O_DIRECT: a plain pread on a worker.)
+                data = await loop.run_in_executor(self.executor, BlockFiles.read_block, piece.fd, piece.offset,
+                                                  piece.length)
+                if len(data) != piece.length:
+                    raise NotCached("a block file is shorter than its blocks")
+                pieces.append(bytes(data))
+            else:
+                pieces.append(piece)
+        return b"".join(pieces)
+
     async def persist(self, block: BlockFill) -> None:
         """Write a complete block, then mark it present. Raises NotCached (after failing
         the block) when it cannot be stored."""
@@ -778,6 +850,8 @@ class ObjectCache:
     def _drop_block(self, key: tuple[int, int]) -> None:
         record = self.index.by_id.get(key[0])
         self.policy.remove(key)
+        if self.prefetch is not None:
+            self.prefetch.block_dropped(key)
         if record is None or not record.has(key[1]):
             return
         self.index.drop_block(record, key[1])
@@ -790,6 +864,10 @@ class ObjectCache:
     def _drop_record(self, record: ObjectRecord) -> None:
         for i in record.present_blocks():
             self.policy.remove((record.id, i))
+            if self.prefetch is not None:
+                self.prefetch.block_dropped((record.id, i))
+        if self.prefetch is not None:
+            self.prefetch.record_dropped(record.id)
         for (record_id, index), block in list(self._inflight.items()):
             if record_id == record.id:
                 block.fail(NotCached("record dropped"))

@@ -127,6 +127,29 @@ def test_a_large_miss_is_fetched_in_parallel_parts_of_at_most_8_mib(start_sprox,
         assert upstream.max_in_flight == 3
 
 
+def test_a_large_read_of_an_unknown_object_is_fetched_in_parallel_parts_after_the_first(start_sprox, tmp_path):
+    """The first GET of an object Sprox has no record of asks for what the client asked
+    (a whole object: with its checksums); once its headers give the size, that answer
+    feeds the first part only and is closed, and the rest comes in ranged parts."""
+    from sprox.cache.fill import PART_BYTES
+
+    with CountingUpstream() as upstream:
+        proc = start(start_sprox, tmp_path, upstream)
+        size = 20 * 2**20 + 5
+        etag = upstream.put("bkt", "large", object_bytes("large", size))
+        status, headers, body = get(proc, "large")
+        assert status == 200 and headers["x-cache"] == "MISS"
+        assert len(body) == size and check_bytes("large", 0, body) is None
+        fills = [s for s in upstream.seen if s.method == "GET"]
+        assert fills[0].range is None  # the learning GET
+        expected = [(first, min(first + PART_BYTES, size) - 1) for first in range(PART_BYTES, size, PART_BYTES)]
+        assert sorted(s.range for s in fills[1:]) == sorted(f"bytes={a}-{b}" for a, b in expected)
+        assert all(s.if_match == etag for s in fills[1:])
+        upstream.reset_counts()
+        status, _, body = get(proc, "large", "bytes=100-20000000")
+        assert status == 206 and check_bytes("large", 100, body) is None and upstream.count("GET") == 0
+
+
 def test_fifty_concurrent_clients_on_a_cold_block_make_one_upstream_get(start_sprox, tmp_path):
     with CountingUpstream(first_byte_delay=0.3) as slow:
         proc = start(start_sprox, tmp_path, slow)

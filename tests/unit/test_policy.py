@@ -138,3 +138,18 @@ def test_index_memory_per_cached_block_is_at_most_64_bytes():
     print(f"index memory: {per_block:.1f} bytes per cached block")
     assert per_block <= 64, per_block
     assert len(policy) == blocks_per_record * records and isinstance(kept[0].crcs, array)
+
+
+def test_a_promoted_block_survives_a_scan_it_was_never_read_again_in():
+    # A Parquet footer: read once so far, but every later query reads it again.
+    policy = S3FIFO(capacity=100)
+    footer = key(0, record=1)
+    fill(policy, [footer])
+    policy.promote(footer)
+    assert policy.queue_of(footer) == "main"
+    fill(policy, [key(i, record=2) for i in range(1000)])
+    assert footer in policy
+    assert policy.used <= 100
+    policy.remove(footer)  # its stale id in the small queue is skipped, never counted twice
+    fill(policy, [key(i, record=3) for i in range(1000)])
+    assert footer not in policy and policy.used <= 100 and len(policy) <= 100
