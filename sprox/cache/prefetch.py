@@ -23,7 +23,8 @@ left ahead (so a steady reader never waits, and a reader that stops costs at mos
 window).
 
 Bounds (never ahead of the client, never without limit):
-- at most ROW_GROUPS_AHEAD row groups and COLUMN_BYTES_AHEAD bytes ahead per column;
+- one row group ahead of a column's first read, ROW_GROUPS_AHEAD once a prefetched
+  chunk of it was read (a scan, not a lookup), and COLUMN_BYTES_AHEAD bytes at most;
 - at most OBJECT_BYTES in flight per object and PROCESS_BYTES in all, and FETCHES GETs;
   past a bound the prefetch is skipped, not queued;
 - prefetch fills take no slot a client's own fill waits for; a client asking for bytes
@@ -58,6 +59,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("sprox.cache")
 
+# Row groups fetched ahead of a column's reader: two at first (a point lookup reads one
+# or two row groups and must not pay for a scan), then, once a prefetched chunk was read
+# (a scan), ROW_GROUPS_AHEAD.
+FIRST_ROW_GROUPS_AHEAD = 2
 ROW_GROUPS_AHEAD = 8
 COLUMN_BYTES_AHEAD = 16 * 2**20
 OBJECT_BYTES = 64 * 2**20
@@ -118,7 +123,7 @@ class Prefetcher:
         self._layouts.move_to_end(record.id)
         layout = self._layouts[record.id]
         if layout is not None:
-            self._ahead(record, layout, layout.chunks_overlapping(first, last))
+            self._ahead(record, layout, layout.chunks_overlapping(first, last), FIRST_ROW_GROUPS_AHEAD)
 
     def client_missed(self, record: ObjectRecord, first_block: int, last_block: int) -> None:
         """A client GET missed blocks first_block..last_block of `record` (the general
@@ -150,7 +155,8 @@ class Prefetcher:
         # The scan of that column goes on (a block may also hold a neighbour column's
         # bytes, which no one asked for: that column is not followed).
         start, end = record.block_range(block)
-        self._ahead(record, layout, [(rg, c) for rg, c in layout.chunks_overlapping(start, end - 1) if c == column])
+        self._ahead(record, layout, [(rg, c) for rg, c in layout.chunks_overlapping(start, end - 1) if c == column],
+                    ROW_GROUPS_AHEAD)
 
     def block_dropped(self, key: Key) -> None:
         entry = self._unread.pop(key, None)
@@ -216,13 +222,15 @@ class Prefetcher:
 
     # -- prefetching -------------------------------------------------------------------------
 
-    def _ahead(self, record: ObjectRecord, layout: ParquetLayout, chunks: list[tuple[int, int]]) -> None:
-        """Fetch the same columns' chunks in the next row groups of every chunk read."""
+    def _ahead(self, record: ObjectRecord, layout: ParquetLayout, chunks: list[tuple[int, int]],
+               row_groups: int) -> None:
+        """Fetch the same columns' chunks in the next `row_groups` row groups of every
+        chunk read."""
         wanted: dict[int, int] = {}  # block -> the column it is fetched for
         bs = record.block_size
         for row_group, column in chunks:
             budget = COLUMN_BYTES_AHEAD
-            for rg in range(row_group + 1, min(layout.row_groups, row_group + 1 + ROW_GROUPS_AHEAD)):
+            for rg in range(row_group + 1, min(layout.row_groups, row_group + 1 + row_groups)):
                 start, end = layout.chunk(rg, column)
                 for i in range(start // bs, (end - 1) // bs + 1):
                     if not record.has(i) and not self.cache.in_flight(record, i):
