@@ -23,7 +23,7 @@ left ahead (so a steady reader never waits, and a reader that stops costs at mos
 window).
 
 Bounds (never ahead of the client, never without limit):
-- one row group ahead of a column's first read, ROW_GROUPS_AHEAD once a prefetched
+- FIRST_ROW_GROUPS_AHEAD row groups ahead of a column's first read, ROW_GROUPS_AHEAD once a prefetched
   chunk of it was read (a scan, not a lookup), and COLUMN_BYTES_AHEAD bytes at most;
 - at most OBJECT_BYTES in flight per object and PROCESS_BYTES in all, and FETCHES GETs;
   past a bound the prefetch is skipped, not queued;
