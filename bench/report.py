@@ -46,7 +46,7 @@ COLUMNS: dict[str, dict[str, pa.DataType]] = {
              "latency_us_p99": _F},
     "olap": {**_RUN, "engine": _S, "query": _S, "mode": _S, "seconds": _F, "upstream_GET": _F, "tpch_sf": _F,
              "rows": _I, "parquet_bytes": _I, "parquet_files": _I, "upstream_latency_ms": _F,
-             "upstream_bandwidth_mbps": _F, "rounds": _I},
+             "upstream_bandwidth_mbps": _F, "rounds": _I, "upstream_get_body_bytes": _F},
     "io": {**_RUN, "kind": _S, "case": _S, "backend": _S, "mbps": _F, "own_cpu_us_per_op": _F,
            "own_cpu_pct": _F, "bound_by": _S, "noise_pct_max": _F, "noise_our_core_pct_max": _F,
            "rounds": _I, "io_threads": _I, "depth": _I, "target_ratio": _F},
@@ -255,7 +255,8 @@ WITH latest AS (
 )
 SELECT engine, query, min({ROW}) AS first_row,
        {", ".join(f'''max(CASE WHEN mode = '{m}' THEN seconds END) AS "{m}_s",
-       max(CASE WHEN mode = '{m}' THEN "upstream_GET" END) AS "{m}_gets"''' for m in OLAP_MODES)}
+       max(CASE WHEN mode = '{m}' THEN "upstream_GET" END) AS "{m}_gets",
+       max(CASE WHEN mode = '{m}' THEN "upstream_get_body_bytes" END) AS "{m}_bytes"''' for m in OLAP_MODES)}
 FROM latest GROUP BY engine, query ORDER BY first_row
 """
 _OLAP_SETUP_SQL = """
@@ -265,6 +266,8 @@ FROM olap WHERE run_id = $run
 """
 _NAMES = {"duckdb": "DuckDB", "datafusion": "DataFusion", "q1": "Q1", "q6": "Q6",
           "wide": "wide (80 of 240 columns)"}
+# The lineitem queries summed per engine: the cold targets (issue 14) are on all three.
+LINEITEM_QUERIES = ("q1", "q6", "selective")
 
 
 def _generator_note(server: str, server_busy: float | None, generator_busy: float | None) -> str | None:
@@ -278,9 +281,10 @@ def _generator_note(server: str, server_busy: float | None, generator_busy: floa
 
 
 def olap_table(ctx: SessionContext, run_id: str) -> Table:
-    """OLAP: seconds (upstream GETs) direct, through Sprox cold and warm, through nginx
+    """OLAP: seconds (upstream GETs, MB) direct, through Sprox cold and warm, through nginx
     proxy_cache (1 MiB slices) cold and warm, and from local files (the README's second
-    table); Sprox warm is bold when Sprox ran with its cache."""
+    table), and Sprox cold's time and upstream bytes over direct's; Sprox warm is bold
+    when Sprox ran with its cache. Each engine's lineitem queries get a summed row."""
     info = _context(ctx, "olap", run_id)
     setup = _rows(ctx, _OLAP_SETUP_SQL, run=run_id)[0]
     cache = info.get("sprox_mode") == "cache"
@@ -298,18 +302,47 @@ def olap_table(ctx: SessionContext, run_id: str) -> Table:
                f"{': cold and warm are both pass-through' if info.get('sprox_mode') == 'passthrough' else ''}): "
                f"TPC-H lineitem{' (' + ', '.join(d for d in data if d) + ')' if any(data) else ''} and a wide table "
                f"(240 columns, 16k-row groups), from an S3-like "
-               f"upstream with {latency} first-byte latency{pace}. Seconds (upstream GETs):")
+               f"upstream with {latency} first-byte latency{pace}. Seconds (upstream GETs, MB fetched); "
+               f"the last column is Sprox cold over direct, time and upstream bytes:")
     table = Table("olap", run_id, caption, ["engine", "query", "direct", "Sprox cold", "Sprox warm", "nginx cold",
-                                            "nginx warm", "local files"])
-    for r in _rows(ctx, OLAP_SQL, run=run_id):
+                                            "nginx warm", "local files", "cold / direct"])
+    rows = _rows(ctx, OLAP_SQL, run=run_id)
+    for r in rows:
         warm = _seconds_gets(r["sprox-warm_s"], r["sprox-warm_gets"])
         table.rows.append([_NAMES.get(r["engine"], r["engine"]), _NAMES.get(r["query"], r["query"]),
-                           _seconds_gets(r["direct_s"], r["direct_gets"]),
-                           _seconds_gets(r["sprox-cold_s"], r["sprox-cold_gets"]),
+                           _seconds_gets(r["direct_s"], r["direct_gets"], r["direct_bytes"]),
+                           _seconds_gets(r["sprox-cold_s"], r["sprox-cold_gets"], r["sprox-cold_bytes"]),
                            f"**{warm}**" if cache and warm != MISSING else warm,
-                           _seconds_gets(r["nginx-cold_s"], r["nginx-cold_gets"]),
-                           _seconds_gets(r["nginx-warm_s"], r["nginx-warm_gets"]), _seconds(r["local_s"])])
+                           _seconds_gets(r["nginx-cold_s"], r["nginx-cold_gets"], r["nginx-cold_bytes"]),
+                           _seconds_gets(r["nginx-warm_s"], r["nginx-warm_gets"]), _seconds(r["local_s"]),
+                           _cold_over_direct(r)])
+    for engine in dict.fromkeys(r["engine"] for r in rows):
+        mine = {r["query"]: r for r in rows if r["engine"] == engine}
+        if not all(q in mine for q in LINEITEM_QUERIES):
+            continue
+        total = {key: _sum(mine[q][key] for q in LINEITEM_QUERIES)
+                 for key in ("direct_s", "direct_gets", "direct_bytes", "sprox-cold_s", "sprox-cold_gets",
+                             "sprox-cold_bytes", "sprox-warm_s", "sprox-warm_gets")}
+        table.rows.append([_NAMES.get(engine, engine), "+".join(_NAMES.get(q, q) for q in LINEITEM_QUERIES),
+                           _seconds_gets(total["direct_s"], total["direct_gets"], total["direct_bytes"]),
+                           _seconds_gets(total["sprox-cold_s"], total["sprox-cold_gets"], total["sprox-cold_bytes"]),
+                           _seconds_gets(total["sprox-warm_s"], total["sprox-warm_gets"]), MISSING, MISSING,
+                           MISSING, _cold_over_direct(total)])
     return table
+
+
+def _sum(values: Iterable[float | None]) -> float | None:
+    values = list(values)
+    return None if any(_missing(v) for v in values) else sum(values)
+
+
+def _cold_over_direct(r: Mapping[str, float | None]) -> str:
+    if _missing(r["direct_s"]) or _missing(r["sprox-cold_s"]) or not r["direct_s"]:
+        return MISSING
+    cell = f"{r['sprox-cold_s'] / r['direct_s']:.2f}x time"
+    if not _missing(r["direct_bytes"]) and not _missing(r["sprox-cold_bytes"]) and r["direct_bytes"]:
+        cell += f", {r['sprox-cold_bytes'] / r['direct_bytes']:.2f}x bytes"
+    return cell
 
 
 IO_SQL = f"""
@@ -449,10 +482,13 @@ def _seconds(x: float | None) -> str:
     return f"{x:#.2g}".rstrip(".")
 
 
-def _seconds_gets(seconds: float | None, gets: float | None) -> str:
+def _seconds_gets(seconds: float | None, gets: float | None, body_bytes: float | None = None) -> str:
     if _missing(seconds):
         return MISSING
-    return f"{_seconds(seconds)} ({MISSING if _missing(gets) else f'{gets:.0f}'})"
+    detail = MISSING if _missing(gets) else f"{gets:.0f}"
+    if not _missing(body_bytes):
+        detail += f", {body_bytes / 1e6:,.0f} MB"
+    return f"{_seconds(seconds)} ({detail})"
 
 
 # -- output -------------------------------------------------------------------------------

@@ -110,6 +110,10 @@ def olap_tables() -> dict[str, list[dict]]:
     for mode, seconds, gets in (("local", 0.68, None), ("direct", 8.3, 613), ("sprox-cold", 6.9, 300),
                                 ("sprox-warm", 1.31, 0), ("nginx-cold", 7.5, 1250), ("nginx-warm", 1.1, 0)):
         rows.append(olap_row("duckdb", "q1", mode, seconds, gets))
+    for query, direct, cold in (("q6", 10.0, 3.0), ("selective", 0.5, 0.4)):
+        rows.append(olap_row("duckdb", query, "direct", direct, 100))
+        rows.append(olap_row("duckdb", query, "sprox-cold", cold, 100))
+        rows.append(olap_row("duckdb", query, "sprox-warm", 0.1, 0))
     for mode, seconds, gets in (("local", 0.016, None), ("direct", 0.08, 15), ("sprox-cold", 0.17, 14)):
         rows.append(olap_row("datafusion", "selective", mode, seconds, gets))  # no warm round
     return {"olap": rows}
@@ -167,11 +171,16 @@ def test_hits_table_figures_ratio_and_blank_cells(results: Path) -> None:
 def test_olap_table_seconds_gets_and_missing_mode(results: Path) -> None:
     out = report.report(results, tables=["olap"])
     rows = rows_of(out, "engine")
-    assert rows["DuckDB Q1"] == ["DuckDB", "Q1", "8.3 (613)", "6.9 (300)", "**1.3 (0)**", "7.5 (1250)", "1.1 (0)",
-                                 "0.68"]
-    assert rows["DataFusion selective"] == ["DataFusion", "selective", "0.080 (15)", "0.17 (14)", MISSING, MISSING,
-                                            MISSING, "0.016"]
-    assert list(rows) == ["DuckDB Q1", "DataFusion selective"]
+    assert rows["DuckDB Q1"] == ["DuckDB", "Q1", "8.3 (613, 1 MB)", "6.9 (300, 1 MB)", "**1.3 (0)**",
+                                 "7.5 (1250, 1 MB)", "1.1 (0)", "0.68", "0.83x time, 1.00x bytes"]
+    assert rows["DataFusion selective"] == ["DataFusion", "selective", "0.080 (15, 1 MB)", "0.17 (14, 1 MB)", MISSING,
+                                            MISSING, MISSING, "0.016", "2.12x time, 1.00x bytes"]
+    # Each engine's lineitem queries, summed (only where all three ran): 8.3 + 10 + 0.5
+    # direct, 6.9 + 3 + 0.4 cold.
+    assert rows["DuckDB Q1+Q6+selective"] == ["DuckDB", "Q1+Q6+selective", "18.8 (813, 3 MB)", "10.3 (500, 3 MB)",
+                                              "1.5 (0)", MISSING, MISSING, MISSING, "0.55x time, 1.00x bytes"]
+    assert list(rows) == ["DuckDB Q1", "DuckDB Q6", "DuckDB selective", "DataFusion selective",
+                          "DuckDB Q1+Q6+selective"]
     assert "scale factor 6, 36M rows, 12 Parquet files, 1.33 GB" in out
     assert "20 ms first-byte latency and each GET's body paced at 80 MB/s" in out
 
@@ -226,7 +235,7 @@ def test_command_line(results: Path, capsys: pytest.CaptureFixture[str]) -> None
     out = capsys.readouterr().out
     assert "**" not in out and "1.3 (0)" in out and out.splitlines()[1].split() == [
         "engine", "query", "direct", "Sprox", "cold", "Sprox", "warm", "nginx", "cold", "nginx", "warm", "local",
-        "files"]
+        "files", "cold", "/", "direct"]
     assert report.main(["--results", str(results / "nothing-here")]) == 1
     assert "no hits, olap, io results" in capsys.readouterr().err
 
