@@ -11,6 +11,7 @@ import fnmatch
 import ipaddress
 import os
 import socket
+import sqlite3
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
@@ -279,8 +280,8 @@ SETTINGS: tuple[Setting, ...] = (
             "$XDG_CACHE_HOME/sprox, else ~/.cache/sprox)", _parse_path, metavar="DIR"),
     Setting("cache_size", "disk budget for cached bytes, e.g. 50GiB (default 10GiB)", parse_size,
             metavar="SIZE"),
-    Setting("block_size", "cache block size, 64KiB to 64MiB, a multiple of 4KiB (default 128KiB)",
-            parse_size, metavar="SIZE"),
+    Setting("block_size", "cache block size, 64KiB to 64MiB, a multiple of 4KiB (default 128KiB; a cache "
+            "directory built with another size keeps it unless this is given)", parse_size, metavar="SIZE"),
     Setting("ttl", "seconds an object's cached record is trusted before it is revalidated "
             "with the upstream (default 60)", _parse_float, metavar="SECONDS"),
     Setting("list_ttl", "seconds a listing may be served from memory; 0 turns listing caching off "
@@ -394,7 +395,25 @@ def load(flags: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> 
     config_path = from_flags.get("config") or from_env.get("config")
     from_file = read_config_file(config_path) if config_path else {}
     merged = {**from_file, **from_env, **from_flags}
+    if "block_size" not in merged and not merged.get("no_cache"):
+        # A cache directory keeps the block size it was built with unless --block-size
+        # says otherwise: a new default must not drop the blocks of a cache already there.
+        recorded = _recorded_block_size(Path(merged.get("cache_dir") or default_cache_dir()))
+        if recorded is not None:
+            merged["block_size"] = recorded
     return Config(**merged)
+
+
+def _recorded_block_size(cache_dir: Path) -> int | None:
+    from .cache.admin import recorded_block_size
+
+    try:
+        size = recorded_block_size(cache_dir)
+    except sqlite3.Error:
+        return None  # an unreadable index is the cache's to report when it opens
+    if size is None or not MIN_BLOCK_SIZE <= size <= MAX_BLOCK_SIZE or size % 4096:
+        return None
+    return size
 
 
 # -- validation ------------------------------------------------------------------------

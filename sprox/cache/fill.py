@@ -153,6 +153,10 @@ class FillRun:
                 if response is not None:
                     await response.close()
             finally:
+                for block in self.blocks:
+                    # However the run ended (even by an error in the handling above), no
+                    # reader may be left waiting on a block that will never fill.
+                    block.fail(NotCached("the fill ended"))  # (a no-op unless still filling)
                 self.cache.fill_finished(self)
                 if not self.finished.done():
                     self.finished.set_result(None)

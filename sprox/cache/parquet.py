@@ -11,6 +11,7 @@ layout: the object is then served like any other, with no prefetch."""
 from __future__ import annotations
 
 import bisect
+from array import array
 from dataclasses import dataclass
 
 MAGIC = b"PAR1"
@@ -32,18 +33,25 @@ def footer_length(last8: bytes, size: int) -> int | None:
 
 @dataclass(frozen=True, slots=True)
 class ParquetLayout:
-    """Column chunk spans by (row group, column), and by offset for lookups."""
+    """Column chunk spans by (row group, column), and by offset for lookups, in arrays:
+    20 bytes a chunk (a wide file's layout holds tens of thousands)."""
 
     size: int
     metadata_start: int  # first byte after the last column chunk: page indexes, footer
     row_groups: int
     columns: int
-    spans: tuple[tuple[int, int], ...]  # (start, end exclusive), index rg * columns + col
-    starts: tuple[int, ...]  # chunk starts, sorted
-    order: tuple[int, ...]  # chunk index of each entry of `starts`
+    begins: array  # chunk starts, index rg * columns + col
+    ends: array  # chunk ends (exclusive), same index
+    starts: array  # chunk starts, sorted
+    order: array  # chunk index of each entry of `starts`
+
+    @property
+    def chunks(self) -> int:
+        return len(self.begins)
 
     def chunk(self, row_group: int, column: int) -> tuple[int, int]:
-        return self.spans[row_group * self.columns + column]
+        i = row_group * self.columns + column
+        return self.begins[i], self.ends[i]
 
     def chunks_overlapping(self, first: int, last: int) -> list[tuple[int, int]]:
         """(row group, column) of every chunk holding a byte of [first, last]."""
@@ -51,8 +59,7 @@ class ParquetLayout:
         i = max(0, bisect.bisect_right(self.starts, first) - 1)
         while i < len(self.starts) and self.starts[i] <= last:
             index = self.order[i]
-            start, end = self.spans[index]
-            if end > first:
+            if self.ends[index] > first:
                 found.append(divmod(index, self.columns))
             i += 1
         return found
@@ -90,8 +97,9 @@ def parse_footer(tail: bytes, size: int) -> ParquetLayout | None:
             return None  # the footer lies: no prefetch from it
     order = sorted(range(len(spans)), key=lambda i: spans[i][0])
     return ParquetLayout(size=size, metadata_start=max(end for _, end in spans), row_groups=row_groups,
-                         columns=columns, spans=tuple(spans), starts=tuple(spans[i][0] for i in order),
-                         order=tuple(order))
+                         columns=columns, begins=array("q", (b for b, _ in spans)),
+                         ends=array("q", (e for _, e in spans)),
+                         starts=array("q", (spans[i][0] for i in order)), order=array("i", order))
 
 
 def is_parquet_key(key: str) -> bool:

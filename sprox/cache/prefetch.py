@@ -4,7 +4,9 @@ An engine scanning a Parquet object reads its footer, then, row group after row 
 the chunks of the columns its query needs. Once Sprox has the footer's layout
 (`parquet.py`), a read of column c in row group i says what comes next: column c in
 row groups i+1, i+2, ... Those chunks are fetched in the background, so the client's
-next reads are hits instead of round trips to the origin.
+next reads are hits instead of round trips to the origin. Every column the object's
+readers scan at about that row group is fetched together, so adjacent columns' chunks
+come in one GET.
 
 When:
 - The layout is learned when a client reads a `.parquet` object through the general
@@ -26,7 +28,8 @@ Bounds (never ahead of the client, never without limit):
 - FIRST_ROW_GROUPS_AHEAD row groups ahead of a column's first read, ROW_GROUPS_AHEAD once a prefetched
   chunk of it was read (a scan, not a lookup), and COLUMN_BYTES_AHEAD bytes at most;
 - at most OBJECT_BYTES in flight per object and PROCESS_BYTES in all, and FETCHES GETs;
-  past a bound the prefetch is skipped, not queued;
+  past a bound a prefetch waits (MAX_PENDING at most, oldest dropped) outside the cache's
+  in-flight table, so a client never waits behind it;
 - prefetch fills take no slot a client's own fill waits for; a client asking for bytes
   a prefetch is fetching joins that fill (single flight), so it never waits longer than
   its own GET would.
@@ -43,7 +46,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -68,9 +71,13 @@ COLUMN_BYTES_AHEAD = 16 * 2**20
 OBJECT_BYTES = 64 * 2**20
 PROCESS_BYTES = 512 * 2**20
 FETCHES = 32  # prefetch GETs in flight at once
+MAX_PENDING = 4096  # prefetch runs waiting for a bound to allow them
 READ_AHEAD_BYTES = 4 * 2**20  # the window kept fetched ahead of a sequential reader
 READ_AHEAD = -1  # the "column" of a read-ahead block
-MAX_LAYOUTS = 16384  # layouts kept (least recently used dropped), by record id
+# Layouts kept, by record id, least recently used dropped past either bound (a layout
+# costs ~20 bytes a column chunk: 2M chunks are ~40 MB).
+MAX_LAYOUTS = 16384
+MAX_LAYOUT_CHUNKS = 2_000_000
 # Outcome rows of the access log are written at most this often (blocks' fates
 # accumulate in between: one row per object and outcome).
 OUTCOME_FLUSH_SECONDS = 1.0
@@ -98,12 +105,19 @@ class Prefetcher:
         # Called with each access-log row (set by the server).
         self.record_access: Callable[[AccessRecord], None] | None = None
         self._layouts: OrderedDict[int, ParquetLayout | None] = OrderedDict()
+        self._layout_chunks = 0  # column chunks in all layouts kept
         self._learning: set[int] = set()
         # Prefetched blocks no client has read yet: (size, the column prefetched for).
         self._unread: dict[Key, tuple[int, int]] = {}
         self._in_flight_bytes: dict[int, int] = {}  # record id -> bytes being prefetched
         self._in_flight = 0  # bytes, in all
         self._fetches = 0
+        # Prefetches waiting for a bound to allow them, oldest first: (record id, first
+        # block, last block, block -> column). Not in the cache's in-flight table, so a
+        # client never waits behind one: it fetches the bytes itself.
+        self._pending: deque[tuple[int, int, int, dict[int, int]]] = deque()
+        # The columns each object's readers scan: column -> the row group last read.
+        self._scans: dict[int, dict[int, int]] = {}
         self._tasks: set[asyncio.Task] = set()
         self._outcomes: dict[tuple[int, str], int] = {}  # (record id, USED/WASTED) -> bytes
         self._outcomes_flushed = time.monotonic()
@@ -122,8 +136,13 @@ class Prefetcher:
             return
         self._layouts.move_to_end(record.id)
         layout = self._layouts[record.id]
-        if layout is not None:
-            self._ahead(record, layout, layout.chunks_overlapping(first, last), FIRST_ROW_GROUPS_AHEAD)
+        if layout is not None and last - first < PART_BYTES:
+            # (A client reading more than a part at once reads whole row groups or files:
+            # its own read is cut into parallel parts, and chunks fetched around it would
+            # only cut its next read into more, smaller GETs.)
+            chunks = layout.chunks_overlapping(first, last)
+            if chunks:
+                self._ahead(record, layout, chunks, FIRST_ROW_GROUPS_AHEAD)
 
     def client_missed(self, record: ObjectRecord, first_block: int, last_block: int) -> None:
         """A client GET missed blocks first_block..last_block of `record` (the general
@@ -155,8 +174,9 @@ class Prefetcher:
         # The scan of that column goes on (a block may also hold a neighbour column's
         # bytes, which no one asked for: that column is not followed).
         start, end = record.block_range(block)
-        self._ahead(record, layout, [(rg, c) for rg, c in layout.chunks_overlapping(start, end - 1) if c == column],
-                    ROW_GROUPS_AHEAD)
+        chunks = [(rg, c) for rg, c in layout.chunks_overlapping(start, end - 1) if c == column]
+        if chunks:
+            self._ahead(record, layout, chunks, ROW_GROUPS_AHEAD)
 
     def block_dropped(self, key: Key) -> None:
         entry = self._unread.pop(key, None)
@@ -165,7 +185,10 @@ class Prefetcher:
             self._outcome(key[0], "WASTED", entry[0])
 
     def record_dropped(self, record_id: int) -> None:
-        self._layouts.pop(record_id, None)
+        self._scans.pop(record_id, None)
+        layout = self._layouts.pop(record_id, None)
+        if layout is not None:
+            self._layout_chunks -= layout.chunks
 
     @property
     def in_flight_bytes(self) -> int:
@@ -216,28 +239,41 @@ class Prefetcher:
         else:
             self.stats.layouts += 1
             self.cache.admit_metadata(record, layout.metadata_start)
+        self.record_dropped(record.id)  # (a layout learned twice is counted once)
         self._layouts[record.id] = layout
-        while len(self._layouts) > MAX_LAYOUTS:
-            self._layouts.popitem(last=False)
+        self._layout_chunks += layout.chunks if layout is not None else 0
+        while len(self._layouts) > MAX_LAYOUTS or self._layout_chunks > MAX_LAYOUT_CHUNKS:
+            _, dropped = self._layouts.popitem(last=False)
+            self._layout_chunks -= dropped.chunks if dropped is not None else 0
 
     # -- prefetching -------------------------------------------------------------------------
 
     def _ahead(self, record: ObjectRecord, layout: ParquetLayout, chunks: list[tuple[int, int]],
                row_groups: int) -> None:
-        """Fetch the same columns' chunks in the next `row_groups` row groups of every
-        chunk read."""
+        """Chunks (row group, column) were just read: fetch the next `row_groups` row
+        groups of every column this object's readers scan at about that row group,
+        together (so the chunks of adjacent columns come in one GET), up to
+        COLUMN_BYTES_AHEAD per column."""
+        scan = self._scans.setdefault(record.id, {})
+        for rg, column in chunks:
+            scan[column] = rg
+        row_group = max(rg for rg, _ in chunks)
+        # Columns last read at about this row group: the scan's current columns (readers
+        # of one row group ask for its chunks one by one, in any order, and an engine's
+        # threads read neighbouring row groups at once).
+        columns = [c for c, last in scan.items() if abs(last - row_group) <= 1]
         wanted: dict[int, int] = {}  # block -> the column it is fetched for
         bs = record.block_size
-        for row_group, column in chunks:
-            budget = COLUMN_BYTES_AHEAD
-            for rg in range(row_group + 1, min(layout.row_groups, row_group + 1 + row_groups)):
+        budget = dict.fromkeys(columns, COLUMN_BYTES_AHEAD)
+        for rg in range(row_group + 1, min(layout.row_groups, row_group + 1 + row_groups)):
+            for column in columns:
+                if budget[column] <= 0:
+                    continue
                 start, end = layout.chunk(rg, column)
+                budget[column] -= end - start
                 for i in range(start // bs, (end - 1) // bs + 1):
                     if not record.has(i) and not self.cache.in_flight(record, i):
                         wanted[i] = column
-                budget -= end - start
-                if budget <= 0:
-                    break
         self._fetch(record, wanted)
 
     def _read_ahead(self, record: ObjectRecord, position: int) -> None:
@@ -256,14 +292,38 @@ class Prefetcher:
 
     def _fetch(self, record: ObjectRecord, wanted: dict[int, int]) -> None:
         """Start fills of the `wanted` blocks (block -> what it is fetched for), one per
-        run of adjacent blocks, within the bounds."""
+        run of adjacent blocks; runs past a bound wait in the pending queue (bounded:
+        the oldest are forgotten, a later read asks again)."""
         bs = record.block_size
         for first, last in _runs(sorted(wanted), max(1, PART_BYTES // bs)):
-            size = record.block_range(last)[1] - record.block_range(first)[0]
-            if (self._fetches >= FETCHES or self._in_flight + size > PROCESS_BYTES
-                    or self._in_flight_bytes.get(record.id, 0) + size > OBJECT_BYTES):
-                return  # over a bound: skipped, not queued (a later read asks again)
-            self._start(record, first, last, size, wanted)
+            if not self._try_start(record, first, last, wanted):
+                self._pending.append((record.id, first, last, wanted))
+                if len(self._pending) > MAX_PENDING:
+                    self._pending.popleft()
+
+    def _try_start(self, record: ObjectRecord, first: int, last: int, columns: dict[int, int]) -> bool:
+        size = record.block_range(last)[1] - record.block_range(first)[0]
+        if (self._fetches >= FETCHES or self._in_flight + size > PROCESS_BYTES
+                or self._in_flight_bytes.get(record.id, 0) + size > OBJECT_BYTES):
+            return False
+        self._start(record, first, last, size, columns)
+        return True
+
+    def _start_pending(self) -> None:
+        """Start what waits, oldest first, as far as the bounds allow; a pending run
+        whose blocks were meanwhile cached or fetched is trimmed to what is left."""
+        for _ in range(len(self._pending)):
+            if self._fetches >= FETCHES:
+                return
+            record_id, first, last, columns = self._pending.popleft()
+            record = self.cache.index.by_id.get(record_id)
+            if record is None:
+                continue
+            missing = [i for i in range(first, last + 1)
+                       if not record.has(i) and not self.cache.in_flight(record, i)]
+            for run_first, run_last in _runs(missing, last - first + 1):
+                if not self._try_start(record, run_first, run_last, columns):
+                    self._pending.append((record_id, run_first, run_last, columns))
 
     def _start(self, record: ObjectRecord, first: int, last: int, size: int, columns: dict[int, int]) -> None:
         stats = RequestStats(cache="PREFETCH")
@@ -285,6 +345,7 @@ class Prefetcher:
             self._in_flight_bytes[record.id] = left
         else:
             del self._in_flight_bytes[record.id]
+        self._start_pending()
         failed = [b for b in run.blocks if b.state == FAILED]
         for block in failed:
             self._unread.pop((record.id, block.index), None)  # nothing kept: neither used nor wasted

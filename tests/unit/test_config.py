@@ -217,3 +217,22 @@ def test_an_access_key_also_in_keys_is_refused(tmp_path: Path):
 def test_an_empty_admin_host_is_refused():
     with pytest.raises(ConfigError, match="--admin-host"):
         Config(admin_host="", admin_port=0)
+
+
+def test_a_cache_directory_keeps_the_block_size_it_was_built_with(tmp_path: Path):
+    import sqlite3
+
+    from sprox.cache.index import SCHEMA
+
+    cache = tmp_path / "cache"
+    assert load({"cache_dir": str(cache)}, environ={}).block_size == 128 * 1024  # a new cache: the default
+    cache.mkdir()
+    db = sqlite3.connect(cache / "index.sqlite")
+    db.executescript(SCHEMA)
+    db.execute("INSERT INTO objects (id, bucket, key, etag, size, last_modified, headers, validated_at, block_size) "
+                "VALUES (1, 'b', 'k', '\"e\"', 10, '', '[]', 0, ?)", (4 * 1024 * 1024,))
+    db.commit()
+    db.close()
+    assert load({"cache_dir": str(cache)}, environ={}).block_size == 4 * 1024 * 1024
+    assert load({"cache_dir": str(cache), "block_size": "256KiB"}, environ={}).block_size == 256 * 1024
+    assert load({"cache_dir": str(cache)}, environ={"SPROX_BLOCK_SIZE": "64KiB"}).block_size == 64 * 1024

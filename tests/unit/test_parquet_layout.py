@@ -37,7 +37,7 @@ def test_the_layout_gives_every_chunk_where_pyarrow_says_it_is(dictionary):
             first, end = layout.chunk(rg, col)
             assert layout.chunks_overlapping(first, end - 1) == [(rg, col)]
             assert (rg, col) in layout.chunks_overlapping(end - 1, end - 1)
-    assert layout.metadata_start == max(end for _, end in layout.spans)
+    assert layout.metadata_start == max(layout.ends) and layout.chunks == 6
     everything = layout.chunks_overlapping(0, len(data))
     assert sorted(everything) == [(rg, col) for rg in range(3) for col in range(2)]
     assert layout.chunks_overlapping(0, 3) == []  # the leading magic
