@@ -72,6 +72,9 @@ OBJECT_BYTES = 64 * 2**20
 PROCESS_BYTES = 512 * 2**20
 FETCHES = 32  # prefetch GETs in flight at once
 MAX_PENDING = 4096  # prefetch runs waiting for a bound to allow them
+# Prefetched blocks tracked until their first read or eviction; past this the oldest are
+# no longer followed (neither used nor wasted: prefetches a client never came back for).
+MAX_UNREAD = 1_000_000
 READ_AHEAD_BYTES = 4 * 2**20  # the window kept fetched ahead of a sequential reader
 READ_AHEAD = -1  # the "column" of a read-ahead block
 # Layouts kept, by record id, least recently used dropped past either bound (a layout
@@ -119,6 +122,7 @@ class Prefetcher:
         # The columns each object's readers scan: column -> the row group last read.
         self._scans: dict[int, dict[int, int]] = {}
         self._tasks: set[asyncio.Task] = set()
+        self._closed = False  # closing: nothing new starts
         self._outcomes: dict[tuple[int, str], int] = {}  # (record id, USED/WASTED) -> bytes
         self._outcomes_flushed = time.monotonic()
         self._flush_timer: asyncio.TimerHandle | None = None
@@ -127,7 +131,7 @@ class Prefetcher:
 
     def client_read(self, record: ObjectRecord, first: int, last: int) -> None:
         """A client GET of bytes first..last of `record`, on the general path."""
-        if not is_parquet_key(record.key) or record.size < TAIL + 4:
+        if self._closed or not is_parquet_key(record.key) or record.size < TAIL + 4:
             return
         if record.id not in self._layouts:
             if record.id not in self._learning:
@@ -201,6 +205,8 @@ class Prefetcher:
         return bool(self._unread)
 
     async def close(self) -> None:
+        self._closed = True
+        self._pending.clear()
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:
@@ -294,6 +300,8 @@ class Prefetcher:
         """Start fills of the `wanted` blocks (block -> what it is fetched for), one per
         run of adjacent blocks; runs past a bound wait in the pending queue (bounded:
         the oldest are forgotten, a later read asks again)."""
+        if self._closed:
+            return
         bs = record.block_size
         for first, last in _runs(sorted(wanted), max(1, PART_BYTES // bs)):
             if not self._try_start(record, first, last, wanted):
@@ -333,6 +341,8 @@ class Prefetcher:
         self._in_flight_bytes[record.id] = self._in_flight_bytes.get(record.id, 0) + size
         for block in run.blocks:
             self._unread[(record.id, block.index)] = (block.end - block.start, columns[block.index])
+        while len(self._unread) > MAX_UNREAD:
+            del self._unread[next(iter(self._unread))]
         started = time.time()
         run.finished.add_done_callback(lambda _f: self._finished(run, size, stats, started))
 
