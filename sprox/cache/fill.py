@@ -230,3 +230,24 @@ def upstream_failure(status: int) -> errors.S3Error:
     if status == 500:
         return errors.S3Error("InternalError", "The upstream encountered an internal error. Please try again.", 500)
     return errors.bad_gateway(f"The upstream answered {status}.")
+
+
+def block_parts(runs: list[tuple[int, int]], blocks_per_part: int) -> list[tuple[int, int]]:
+    """Runs cut into parts of at most `blocks_per_part` blocks, in order: [(0, 9)] with
+    4 per part -> [(0, 3), (4, 7), (8, 9)]."""
+    parts: list[tuple[int, int]] = []
+    for first, last in runs:
+        for start in range(first, last + 1, blocks_per_part):
+            parts.append((start, min(start + blocks_per_part - 1, last)))
+    return parts
+
+
+def block_runs(indexes: list[int]) -> list[tuple[int, int]]:
+    """[1, 2, 3, 7, 8] -> [(1, 3), (7, 8)]: adjacent missing blocks share one GET."""
+    runs: list[tuple[int, int]] = []
+    for i in indexes:
+        if runs and runs[-1][1] == i - 1:
+            runs[-1] = (runs[-1][0], i)
+        else:
+            runs.append((i, i))
+    return runs

@@ -53,7 +53,7 @@ from typing import TYPE_CHECKING
 
 from ..analytics.accesslog import AccessRecord
 from ..s3.request import RequestStats
-from .fill import FAILED, PART_BYTES, FillRun
+from .fill import FAILED, PART_BYTES, FillRun, block_parts, block_runs
 from .parquet import TAIL, ParquetLayout, footer_length, is_parquet_key, parse_footer
 from .records import ObjectRecord
 
@@ -303,7 +303,7 @@ class Prefetcher:
         if self._closed:
             return
         bs = record.block_size
-        for first, last in _runs(sorted(wanted), max(1, PART_BYTES // bs)):
+        for first, last in block_parts(block_runs(sorted(wanted)), max(1, PART_BYTES // bs)):
             if not self._try_start(record, first, last, wanted):
                 self._pending.append((record.id, first, last, wanted))
                 if len(self._pending) > MAX_PENDING:
@@ -329,7 +329,7 @@ class Prefetcher:
                 continue
             missing = [i for i in range(first, last + 1)
                        if not record.has(i) and not self.cache.in_flight(record, i)]
-            for run_first, run_last in _runs(missing, last - first + 1):
+            for run_first, run_last in block_runs(missing):
                 if not self._try_start(record, run_first, run_last, columns):
                     self._pending.append((record_id, run_first, run_last, columns))
 
@@ -420,14 +420,3 @@ class Prefetcher:
         task = asyncio.get_running_loop().create_task(coro, name=name)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-
-
-def _runs(indexes: list[int], longest: int) -> list[tuple[int, int]]:
-    """Sorted block indexes -> runs of adjacent ones, each at most `longest` long."""
-    runs: list[tuple[int, int]] = []
-    for i in indexes:
-        if runs and runs[-1][1] == i - 1 and i - runs[-1][0] < longest:
-            runs[-1] = (runs[-1][0], i)
-        else:
-            runs.append((i, i))
-    return runs

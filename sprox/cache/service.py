@@ -44,6 +44,8 @@ from .fill import (
     PARTS_PER_REQUEST,
     PERSISTED,
     BlockFill,
+    block_parts,
+    block_runs,
     FillRun,
     NotCached,
     ObjectChanged,
@@ -582,7 +584,7 @@ class ObjectCache:
                 continue
             if prefetch is not None:
                 prefetch.blocks_read(record.id, i)
-        parts = _parts(_runs_of(missing), max(1, PART_BYTES // record.block_size))
+        parts = block_parts(block_runs(missing), max(1, PART_BYTES // record.block_size))
         # Parts beyond PARTS_PER_REQUEST wait for one of this request's to finish (and
         # every fill for a process-wide slot), in order: readers want the first first.
         slots = (asyncio.Semaphore(PARTS_PER_REQUEST), self._fetching) if len(parts) > 1 else (self._fetching,)
@@ -758,7 +760,7 @@ class ObjectCache:
                 fills[i] = inflight
             elif not record.has(i):
                 missing.append(i)
-        for run_first, run_last in _runs_of(missing):
+        for run_first, run_last in block_runs(missing):
             run = self._start_run(record, run_first, run_last, stats, slots=(self._fetching,))
             fills.update((b.index, b) for b in run.blocks)
         loop = asyncio.get_running_loop()
@@ -916,24 +918,3 @@ def _asks_full_checksums(request: S3Request) -> bool:
 def _modified_seconds(http_date: str) -> float:
     # Parsing an HTTP date costs ~8 us with email.utils: once per record is enough.
     return conditions.parse_http_date(http_date) or 0.0
-
-
-def _parts(runs: list[tuple[int, int]], blocks_per_part: int) -> list[tuple[int, int]]:
-    """Runs cut into parts of at most `blocks_per_part` blocks, in order: [(0, 9)] with
-    4 per part -> [(0, 3), (4, 7), (8, 9)]."""
-    parts: list[tuple[int, int]] = []
-    for first, last in runs:
-        for start in range(first, last + 1, blocks_per_part):
-            parts.append((start, min(start + blocks_per_part - 1, last)))
-    return parts
-
-
-def _runs_of(indexes: list[int]) -> list[tuple[int, int]]:
-    """[1, 2, 3, 7, 8] -> [(1, 3), (7, 8)]: adjacent missing blocks share one GET."""
-    runs: list[tuple[int, int]] = []
-    for i in indexes:
-        if runs and runs[-1][1] == i - 1:
-            runs[-1] = (runs[-1][0], i)
-        else:
-            runs.append((i, i))
-    return runs
