@@ -212,16 +212,19 @@ class FrontEnd:
         return FastHit(self, request, plan, record_head(plan.record, plan.with_checksums), headers, body, started_at,
                        started)
 
-    def drain_kernel(self) -> None:
+    def drain_kernel(self, limit: int = -1) -> int:
         """Count and log the hits the kernel answered since the last drain (its ring of
-        fixed-size records, its counters): called by the lane shortly after kernel hits,
-        before any admin answer, and at shutdown."""
+        fixed-size records, its counters), at most `limit` of them (all if negative):
+        called by the lane in steps shortly after kernel hits, and whole before any
+        admin answer and at shutdown. Returns how many are still waiting."""
         kernel = self.kernel
         if kernel is None:
-            return
+            return 0
         hits = kernel.ring_waiting
+        if 0 <= limit < hits:
+            hits = limit
         if hits:
-            log, blocks = kernel.drain()
+            log, blocks = kernel.drain(hits)
             if self.access_log is not None:
                 self.access_log.record_batch(kernel_batch(log))
             self.fast_hits += hits
@@ -229,6 +232,7 @@ class FrontEnd:
         gets, heads, bytes_sent, latency_counts, latency_sum = kernel.take_counters()
         if gets or heads:
             self.metrics.add_kernel_hits(gets, heads, bytes_sent, latency_counts, latency_sum)
+        return kernel.ring_waiting
 
     def kernel_rest(self, pending: tuple) -> KernelHitRest:
         """What is left of a kernel answer the socket could not take at once."""

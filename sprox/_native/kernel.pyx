@@ -954,8 +954,9 @@ cdef class HitKernel:
     def ring_waiting(self):
         return self._ring_head - self._ring_tail
 
-    def drain(self):
-        """The hits logged since the last drain, oldest first: (log, blocks).
+    def drain(self, Py_ssize_t limit=-1):
+        """The hits logged since the last drain, oldest first, at most `limit` of them
+        (all if negative): (log, blocks).
 
         `log` is the records as columns, made in C with no Python object per record:
         (count, then one bytes buffer or group of buffers per column of
@@ -966,6 +967,8 @@ cdef class HitKernel:
         cdef Py_ssize_t n = self._ring_head - self._ring_tail
         cdef Py_ssize_t i
         cdef LogRecord *r
+        if 0 <= limit < n:
+            n = limit
         cdef Py_ssize_t op_bytes = 0, bucket_bytes = 0, key_bytes = 0, range_bytes = 0
         cdef Py_ssize_t agent_bytes = 0, akey_bytes = 0
         cdef Py_ssize_t size

@@ -530,6 +530,26 @@ def test_a_hit_is_answered_whole(block_file, use_sendfile, range_header, first, 
 
 
 @needs_kernel
+def test_a_drain_in_steps_gives_each_hit_once_in_order(block_file) -> None:
+    """drain(limit) takes the oldest `limit` records and leaves the rest waiting (the
+    lane drains in steps so that no step holds the loop long)."""
+    kernel = new_kernel(keys=None)
+    kernel.install("bucket", "key", record(7), block_file, 1e12, TEMPLATE, None, -1)
+    for first in range(5):
+        head = b"GET /bucket/key HTTP/1.1\r\nRange: bytes=%d-%d\r\n\r\n" % (first, first)
+        assert answer(kernel, head)[0] == sprox.kernel.SENT
+    assert kernel.ring_waiting == 5
+    ranges, reads = [], 0
+    for limit, left in ((2, 3), (0, 3), (2, 1), (7, 0)):
+        log, blocks = kernel.drain(limit)
+        ranges += [row["range"] for row in kernel_batch(log).to_pylist()]
+        reads += sum(times for _, _, times in blocks)
+        assert kernel.ring_waiting == left
+    assert ranges == [f"bytes={i}-{i}" for i in range(5)] and reads == 5
+    assert drained(kernel) == ([], [])
+
+
+@needs_kernel
 def test_the_drained_log_has_every_field_and_counts_the_blocks_read(block_file) -> None:
     """drain() makes the access log's columns in C: GETs and HEADs, with and without
     Range and User-Agent, a key outside ASCII; and counts every block each GET read,
