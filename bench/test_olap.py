@@ -12,10 +12,13 @@ bench/datasets.py wide_table), each in six modes:
 - `direct`: the engine talks to the upstream itself;
 - `sprox-cold`: through a fresh Sprox (new, empty cache directory) in front of the
   upstream;
-- `sprox-warm`: through the same Sprox again, after a first run filled its cache;
-- `nginx-cold`, `nginx-warm`: the same through the peer a user would pick instead,
-  nginx `proxy_cache` with 1 MiB slices (bench/harness.py NGINX_PROXY_CACHE_CONF), one
-  worker, like Sprox's one process.
+- `nginx-cold`: the same through the peer a user would pick instead, nginx
+  `proxy_cache` with 1 MiB slices (bench/harness.py NGINX_PROXY_CACHE_CONF), one
+  worker, like Sprox's one process;
+- `sprox-warm`, `nginx-warm`: through the same two again, after their cold runs filled
+  their caches, measured by one test whose sessions alternate between the two (this
+  VM's speed drifts by ±15% over minutes: measured one after the other, two equal
+  servers could differ by 10%).
 
 Every round opens a fresh engine session, so nothing the engine caches carries from
 one round to the next; DuckDB's own HTTP/Parquet caches are also switched off. Each
@@ -54,7 +57,7 @@ pytestmark = pytest.mark.timeout(3600)
 
 ENGINES = ("duckdb", "datafusion")
 QUERY_NAMES = ("q1", "q6", "selective", "wide")
-MODES = ("local", "direct", "sprox-cold", "sprox-warm", "nginx-cold", "nginx-warm")
+MODES = ("local", "direct", "sprox-cold", "nginx-cold", "warm")  # warm: Sprox and nginx, alternating
 
 
 def queries(data: TpchData) -> dict[str, str]:
@@ -232,8 +235,39 @@ WARM_ROUNDS = 5  # at least, for the warm and local modes (full mode; short mode
 PARAMS = [(e, q, m) for e in ENGINES for q in QUERY_NAMES for m in MODES]
 
 
+def timed_session(olap: Olap, eng, endpoint: str | None, source: str, sql: str, key: tuple[str, str]) -> dict:
+    """One fresh engine session, outside pytest-benchmark's timing: its seconds and the
+    upstream requests it caused; its rows must equal the local run's."""
+    before = olap.upstream.stats() if endpoint else None
+    session = eng.open(endpoint)
+    started = time.perf_counter()
+    try:
+        rows = eng.run(session, source, sql)
+    finally:
+        seconds = time.perf_counter() - started
+        eng.close(session)
+    assert same_rows(rows, olap.expected[key]), f"{eng.name} {key[1]}: {rows} != {olap.expected[key]}"
+    return {"seconds": seconds, **(stats_delta(before, olap.upstream.stats()) if before is not None else {})}
+
+
+def warm_server(olap: Olap, eng, kind: str, source: str, sql: str, key: tuple[str, str]):
+    """The `kind` server its cold test filled, or (that test did not run, e.g. -k) a
+    new one filled by one unmeasured session."""
+    proc = olap.warm.get((*key, kind))
+    if proc is None:
+        proc = olap.new_server(kind)
+        olap.warm[(*key, kind)] = proc
+        timed_session(olap, eng, proc.endpoint, source, sql, key)
+    return proc
+
+
 @pytest.mark.parametrize(("engine", "query", "mode"), PARAMS, ids=[f"{e}-{q}-{m}" for e, q, m in PARAMS])
 def test_olap(benchmark, olap: Olap, results, engine: str, query: str, mode: str) -> None:
+    """One mode's rounds, each a fresh engine session. The `warm` mode measures Sprox
+    and the nginx peer together: their sessions alternate (nginx, Sprox, Sprox, nginx,
+    nginx, Sprox, ...), so the VM's drift over minutes (±15% here) falls on both alike,
+    and it records a `sprox-warm` and an `nginx-warm` row; pytest-benchmark times the
+    Sprox sessions."""
     settings = olap.settings
     eng = olap.engines[engine]
     sql = olap.sql[query]
@@ -247,19 +281,16 @@ def test_olap(benchmark, olap: Olap, results, engine: str, query: str, mode: str
         finally:
             eng.close(session)
 
-    kind = mode.partition("-")[0]  # "sprox" or "nginx" for the caching modes
+    kind = "sprox" if mode == "warm" else mode.partition("-")[0]  # "sprox" or "nginx" for the caching modes
     server: dict[str, object] = {"proc": None}
-    if mode.endswith("-warm"):
-        proc = olap.warm.get((*key, kind))
-        if proc is None:  # the cold test did not run (e.g. -k): fill a new one once
-            proc = olap.new_server(kind)
-            session = eng.open(proc.endpoint)
-            try:
-                eng.run(session, source, sql)
-            finally:
-                eng.close(session)
-            olap.warm[(*key, kind)] = proc
-        server["proc"] = proc
+    peer = None  # the warm mode's nginx, whose sessions alternate with Sprox's
+    peer_rounds: list[dict] = []
+    if mode == "warm":
+        server["proc"] = warm_server(olap, eng, "sprox", source, sql, key)
+        peer = warm_server(olap, eng, "nginx", source, sql, key)
+
+    def peer_round() -> None:
+        peer_rounds.append(timed_session(olap, eng, peer.endpoint, source, sql, key))
 
     rounds: list[dict] = []
     pending: dict = {}
@@ -276,6 +307,10 @@ def test_olap(benchmark, olap: Olap, results, engine: str, query: str, mode: str
 
     def setup():
         finish_round()
+        if peer is not None and len(rounds) % 2 == 0:
+            if rounds:
+                peer_round()  # after the odd Sprox round before this one
+            peer_round()  # before this even one
         if mode.endswith("-cold"):
             if server["proc"] is not None:
                 olap.stop_server(server["proc"])
@@ -298,35 +333,45 @@ def test_olap(benchmark, olap: Olap, results, engine: str, query: str, mode: str
             pending["seconds"] = time.perf_counter() - started
             eng.close(pending.pop("session"))
 
-    label = mode if not mode.startswith("sprox") else f"{mode} ({sprox_mode()})"
+    label = "sprox-warm" if mode == "warm" else mode
+    if label.startswith("sprox"):
+        label = f"{label} ({sprox_mode()})"
     benchmark.group = f"olap {engine} {query}"
-    benchmark.name = f"{engine} {query} {label}"
+    benchmark.name = f"{engine} {query} {label}" + (" (alternating with nginx-warm)" if peer is not None else "")
     # Warm and local rounds take a second or two, and vary by 1.5x from session to
     # session: they get more rounds (each a fresh session) for a median that holds.
     # Cold and direct rounds take 5-20 s each.
     rounds_wanted = settings.olap_rounds
-    if mode == "local" or (mode.endswith("-warm") and not settings.short):
+    if mode == "local" or (mode == "warm" and not settings.short):
         rounds_wanted = max(settings.olap_rounds, 3 if settings.short else WARM_ROUNDS)
     benchmark.pedantic(one_round, setup=setup, rounds=rounds_wanted, iterations=1)
     finish_round()
+    if peer is not None and len(rounds) % 2 == 0:
+        peer_round()  # after the last, odd, Sprox round
     if mode.endswith("-cold") and server["proc"] is not None:
         previous = olap.warm.pop((*key, kind), None)
         if previous is not None:
             olap.stop_server(previous)
         olap.warm[(*key, kind)] = server["proc"]  # the warm test reuses what this one filled
-    if mode.endswith("-warm") and server["proc"] is not None:
-        olap.stop_server(olap.warm.pop((*key, kind)))
+    if mode == "warm":
+        for name in ("sprox", "nginx"):
+            olap.stop_server(olap.warm.pop((*key, name)))
 
-    seconds = [r["seconds"] for r in rounds]
-    median_round = sorted(rounds, key=lambda r: r["seconds"])[len(rounds) // 2]
-    row = {
-        "engine": engine, "query": query, "mode": mode, "tpch_sf": olap.data.sf,
-        "parquet_bytes": olap.data.total_bytes, "parquet_files": len(olap.data.files), "rows": olap.data.rows,
-        "upstream_latency_ms": settings.upstream_latency_ms,
-        "upstream_bandwidth_mbps": settings.upstream_bandwidth_mbps, "rounds": len(rounds),
-        "seconds": statistics.median(seconds), "seconds_min": min(seconds), "seconds_all": seconds,
-        **{f"upstream_{k}": median_round.get(k) for k in ("GET", "HEAD", "LIST", "OTHER", "get_body_bytes")},
-        "upstream_GET_all": [r.get("GET") for r in rounds],
-    }
+    def result_row(row_mode: str, measured: list[dict]) -> dict:
+        seconds = [r["seconds"] for r in measured]
+        median_round = sorted(measured, key=lambda r: r["seconds"])[len(measured) // 2]
+        return {
+            "engine": engine, "query": query, "mode": row_mode, "tpch_sf": olap.data.sf,
+            "parquet_bytes": olap.data.total_bytes, "parquet_files": len(olap.data.files), "rows": olap.data.rows,
+            "upstream_latency_ms": settings.upstream_latency_ms,
+            "upstream_bandwidth_mbps": settings.upstream_bandwidth_mbps, "rounds": len(measured),
+            "seconds": statistics.median(seconds), "seconds_min": min(seconds), "seconds_all": seconds,
+            **{f"upstream_{k}": median_round.get(k) for k in ("GET", "HEAD", "LIST", "OTHER", "get_body_bytes")},
+            "upstream_GET_all": [r.get("GET") for r in measured],
+        }
+
+    row = result_row("sprox-warm" if mode == "warm" else mode, rounds)
     results.add("olap", row)
+    if peer is not None:
+        results.add("olap", result_row("nginx-warm", peer_rounds))
     benchmark.extra_info.update({k: v for k, v in row.items() if not isinstance(v, list)})
