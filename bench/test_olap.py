@@ -231,7 +231,9 @@ def olap(bench_settings, start_sprox, tmp_path_factory) -> Olap:
     upstream.stop()
 
 
-WARM_ROUNDS = 9  # at least, for the warm and local modes (full mode; short mode runs 3): warm sessions vary by ±10%
+# At least, for the warm and local modes (full mode; short mode: 1 warm, 3 local): warm
+# sessions vary by ±10%.
+WARM_ROUNDS = 9
 PARAMS = [(e, q, m) for e in ENGINES for q in QUERY_NAMES for m in MODES]
 
 
