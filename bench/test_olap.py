@@ -237,10 +237,18 @@ WARM_ROUNDS = 9
 PARAMS = [(e, q, m) for e in ENGINES for q in QUERY_NAMES for m in MODES]
 
 
-def timed_session(olap: Olap, eng, endpoint: str | None, source: str, sql: str, key: tuple[str, str]) -> dict:
-    """One fresh engine session, outside pytest-benchmark's timing: its seconds and the
-    upstream requests it caused; its rows must equal the local run's."""
-    before = olap.upstream.stats() if endpoint else None
+def session_record(olap: Olap, key: tuple[str, str], label: str, rows: list[tuple], seconds: float,
+                   before: dict | None) -> dict:
+    """What a finished session measured: its seconds and the upstream requests since
+    `before` (an upstream /_stats snapshot; None for local files). Its rows must equal
+    the local run's."""
+    assert same_rows(rows, olap.expected[key]), f"{label}: {rows} != {olap.expected[key]}"
+    return {"seconds": seconds, **(stats_delta(before, olap.upstream.stats()) if before is not None else {})}
+
+
+def timed_session(olap: Olap, eng, endpoint: str, source: str, sql: str, key: tuple[str, str]) -> dict:
+    """One fresh engine session through `endpoint`, outside pytest-benchmark's timing."""
+    before = olap.upstream.stats()
     session = eng.open(endpoint)
     started = time.perf_counter()
     try:
@@ -248,8 +256,7 @@ def timed_session(olap: Olap, eng, endpoint: str | None, source: str, sql: str, 
     finally:
         seconds = time.perf_counter() - started
         eng.close(session)
-    assert same_rows(rows, olap.expected[key]), f"{eng.name} {key[1]}: {rows} != {olap.expected[key]}"
-    return {"seconds": seconds, **(stats_delta(before, olap.upstream.stats()) if before is not None else {})}
+    return session_record(olap, key, f"{eng.name} {key[1]} {endpoint}", rows, seconds, before)
 
 
 def warm_server(olap: Olap, eng, kind: str, source: str, sql: str, key: tuple[str, str]):
@@ -298,14 +305,9 @@ def test_olap(benchmark, olap: Olap, results, engine: str, query: str, mode: str
     pending: dict = {}
 
     def finish_round() -> None:
-        if not pending:
-            return
-        if pending.get("before") is not None:
-            pending.update(stats_delta(pending.pop("before"), olap.upstream.stats()))
-        rows = pending.pop("rows")
-        assert same_rows(rows, olap.expected[key]), f"{engine} {query} {mode}: {rows} != {olap.expected[key]}"
-        rounds.append(dict(pending))
-        pending.clear()
+        if pending:
+            rounds.append(session_record(olap, key, f"{engine} {query} {mode}", pending.pop("rows"),
+                                         pending.pop("seconds"), pending.pop("before")))
 
     def setup():
         finish_round()
