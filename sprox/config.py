@@ -107,6 +107,7 @@ class Config:
     io_uring: bool = False
     direct_io: bool = False
     prefetch: str = "parquet"
+    peers: tuple = ()  # of peers.PeerAddress: the other nodes of a tier, told about writes
 
     def __post_init__(self) -> None:
         # Embedding code may pass plain strings for paths (Sprox(origin_dir="/data")).
@@ -114,6 +115,11 @@ class Config:
             value = getattr(self, name)
             if isinstance(value, str):
                 object.__setattr__(self, name, Path(value).expanduser())
+        if isinstance(self.peers, str):
+            try:
+                object.__setattr__(self, "peers", _parse_peers(self.peers))
+            except ValueError as exc:
+                raise ConfigError("--peers", str(exc)) from None
         _validate(self)
 
     # Derived views: computed, never stored twice.
@@ -243,6 +249,12 @@ def parse_size(text: str) -> int:
     return int(value * _SIZE_UNITS[unit])
 
 
+def _parse_peers(text: str) -> tuple:
+    from .peers import parse_peers
+
+    return parse_peers(text)
+
+
 def _parse_bool(text: str) -> bool:
     lowered = text.strip().lower()
     if lowered in ("1", "true", "yes", "on"):
@@ -302,6 +314,9 @@ SETTINGS: tuple[Setting, ...] = (
             "unsigned on this port, and not on the data port; 0 picks a free one (default: on the data "
             "port, where with keys configured they answer only requests signed by a key that may use "
             "every bucket)", _parse_int, metavar="PORT"),
+    Setting("peers", "the other nodes of a tier, told about every write before it is answered: "
+            "host:port of each one's admin routes, comma-separated; a name that resolves to several "
+            "addresses (a Kubernetes headless Service) means each of them", _parse_peers, metavar="HOST:PORT,..."),
     Setting("admin_host", "address for --admin-port (default 127.0.0.1)", metavar="ADDR"),
     Setting("log_level", "log verbosity", choices=LOG_LEVELS),
     Setting("config", "TOML configuration file", _parse_path, metavar="FILE"),
@@ -314,6 +329,9 @@ def _convert(setting: Setting, raw: Any, source: str) -> Any:
     shown = "***" if setting.secret else repr(raw)
     if setting.name == "keys":
         return _convert_keys(raw, where)
+    if setting.name == "peers" and source == "file" and isinstance(raw, list) \
+            and all(isinstance(item, str) for item in raw):
+        raw = ",".join(raw)  # peers = ["a:9000", "b:9000"] as well as "a:9000,b:9000"
     if source == "file" and not isinstance(raw, str):
         # TOML gives typed values; check the type rather than re-parsing text.
         if setting.switch and isinstance(raw, bool):
@@ -507,6 +525,9 @@ def _validate(c: Config) -> None:
         raise ConfigError("--list-ttl", f"{c.list_ttl!r} must be 0 or more seconds")
     if c.cache_dir is not None and c.cache_dir.exists() and not c.cache_dir.is_dir():
         raise ConfigError("--cache-dir", f"{str(c.cache_dir)!r} exists and is not a directory")
+    if c.peers and c.auth_mode == "sigv4" and c.admin_key is None:
+        raise ConfigError("--peers", "needs a key that may use every bucket and write (--access-key, or a "
+                          "[[keys]] entry without buckets): nodes sign their calls to each other with it")
 
 
 __all__ = ["AccessKey", "Config", "ConfigError", "SETTINGS", "load", "is_loopback",

@@ -55,8 +55,11 @@ class FrontEnd:
     """The aiohttp handler for the S3 API."""
 
     def __init__(self, origin: Origin, *, verifier=None, domain: str | None = None, cache=None,
-                 listings=None, access_log=None, key_rights: Mapping[str, rights.KeyRights] | None = None) -> None:
+                 listings=None, access_log=None, key_rights: Mapping[str, rights.KeyRights] | None = None,
+                 peers=None) -> None:
         self.origin = origin
+        # The other nodes of a tier (sprox/peers.py), told about writes; None alone.
+        self.peers = peers
         self.verifier = verifier
         # The fast lane's signature check for the common request (sprox/fastsig.py).
         self.fast_signatures = verifier.fast_check() if verifier is not None else None
@@ -125,8 +128,14 @@ class FrontEnd:
             deleted_keys = await self._read_xml_body(request)
             self._before_write(request, deleted_keys)
             request.stats.upstream_requests += 1
-            response = await self.origin.send(request)
+            try:
+                response = await self.origin.send(request)
+            except errors.S3Error as exc:
+                if exc.status >= 500:  # the write may have been done all the same
+                    await self._tell_peers(request, deleted_keys, exc.status)
+                raise
             self._after_write(request, deleted_keys)
+            await self._tell_peers(request, deleted_keys, response.status)
             if request.operation in LISTINGS and self.listings is not None and response.status == 200:
                 response = await self.listings.put(request, response)
         except errors.S3Error as exc:
@@ -307,20 +316,33 @@ class FrontEnd:
     def _invalidate(self, request: S3Request, keys: list[str]) -> None:
         if request.bucket is None:
             return
+        changed = written_keys(request, keys)
+        if changed is None:
+            self.invalidate(request.bucket, None)
+        else:
+            self.invalidate(request.bucket, changed)
+
+    def invalidate(self, bucket: str, keys: list[str] | None) -> None:
+        """Forget `keys` of `bucket` (None: every key of it) and the bucket's listings:
+        a write through this node, or through a peer (sprox/peers.py), changed them."""
         if self.listings is not None:
-            self.listings.drop_bucket(request.bucket)
+            self.listings.drop_bucket(bucket)
         if self.cache is None:
             return
-        if request.operation in OBJECT_WRITES and request.key is not None:
-            self.cache.invalidate(request.bucket, request.key)
-        elif request.operation == "DeleteObjects":
-            if keys or (request.body is not None and not request.body.aws_chunked):
-                for key in keys:
-                    self.cache.invalidate(request.bucket, key)
-            else:
-                self.cache.invalidate_bucket(request.bucket)
-        elif request.operation == "DeleteBucket":
-            self.cache.invalidate_bucket(request.bucket)
+        if keys is None:
+            self.cache.invalidate_bucket(bucket)
+            return
+        for key in keys:
+            self.cache.invalidate(bucket, key)
+
+    async def _tell_peers(self, request: S3Request, keys: list[str], status: int) -> None:
+        """Before a write is answered, the other nodes of the tier forget what it changed
+        (unless S3 refused it: a 4xx changed nothing)."""
+        if self.peers is None or request.bucket is None or 400 <= status < 500:
+            return
+        changed = written_keys(request, keys)
+        if changed is None or changed:
+            await self.peers.invalidate(request.bucket, changed)
 
     # -- sending -------------------------------------------------------------------------------
 
@@ -542,6 +564,23 @@ def error_response(exc: errors.S3Error, request_id: str, *, resource: str | None
         exc.resource = resource
     return web.Response(status=exc.status, body=exc.to_xml(request_id), headers=headers,
                         content_type="application/xml")
+
+
+def written_keys(request: S3Request, keys: list[str]) -> list[str] | None:
+    """The keys a write changes: [] for none (it may still change listings), None for
+    any key of the bucket (a DeleteBucket, or a DeleteObjects whose keys are unknown).
+    `keys`: those a DeleteObjects body names."""
+    if request.method in ("GET", "HEAD"):
+        return []
+    if request.operation in OBJECT_WRITES and request.key is not None:
+        return [request.key]
+    if request.operation == "DeleteObjects":
+        if keys or (request.body is not None and not request.body.aws_chunked):
+            return list(keys)
+        return None
+    if request.operation == "DeleteBucket":
+        return None
+    return []
 
 
 async def stream_response(http: web.Request, origin: OriginResponse, request_id: str, state: _Served | None = None,

@@ -99,8 +99,9 @@ class RequestMetrics:
 
 def render(requests: RequestMetrics, cache=None, fast_lane_hits: int = 0, connections: int = 0,
            refused_connections: int = 0, kernel_hits: int = 0, kernel_ring_full: int = 0,
-           kernel_partials: int = 0) -> str:
-    """The exposition text. `cache` is the ObjectCache, or None with --no-cache."""
+           kernel_partials: int = 0, peers=None, invalidations_received: int = 0) -> str:
+    """The exposition text. `cache` is the ObjectCache, or None with --no-cache;
+    `peers` the tier's other nodes (sprox/peers.py), or None without --peers."""
     out: list[str] = []
 
     def metric(name: str, kind: str, help_text: str, samples: Iterable[str]) -> None:
@@ -137,6 +138,18 @@ def render(requests: RequestMetrics, cache=None, fast_lane_hits: int = 0, connec
     metric("sprox_get_latency_seconds", "histogram", "GetObject latency, request start to last byte, by cache "
            "outcome.", (line for outcome, h in sorted(requests.latency.items())
                         for line in h.lines("sprox_get_latency_seconds", f'outcome="{outcome}"')))
+    metric("sprox_peer_invalidations_received_total", "counter", "Invalidations other nodes of a tier sent here "
+           "(a write through them changed keys this node may cache).",
+           [f"sprox_peer_invalidations_received_total {invalidations_received}"])
+    if peers is not None:
+        metric("sprox_peer_invalidations_total", "counter", "Calls telling a peer about a write: ok (answered), "
+               "failed (each attempt that was not; retried in the background), given_up (never answered "
+               "after every retry).",
+               [f'sprox_peer_invalidations_total{{result="ok"}} {peers.stats.ok}',
+                f'sprox_peer_invalidations_total{{result="failed"}} {peers.stats.failed}',
+                f'sprox_peer_invalidations_total{{result="given_up"}} {peers.stats.given_up}'])
+        metric("sprox_peer_invalidations_retrying", "gauge", "Invalidations waiting to be sent to a peer again.",
+               [f"sprox_peer_invalidations_retrying {peers.stats.retrying}"])
     if cache is not None:
         metric("sprox_cache_bytes", "gauge", "Bytes of cached blocks.", [f"sprox_cache_bytes {cache.used_bytes}"])
         metric("sprox_cache_capacity_bytes", "gauge", "The cache's disk budget (--cache-size).",

@@ -15,6 +15,7 @@ import resource
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import partial
 from typing import Any
 
 from aiohttp import web
@@ -32,6 +33,7 @@ from .upstream.base import Origin
 log = logging.getLogger("sprox")
 
 ADMIN_PREFIX = "/_sprox/"
+PEER_INVALIDATE = ADMIN_PREFIX + "peer/invalidate"  # (sprox/peers.py INVALIDATE_PATH)
 # aiohttp's per-connection settings (no access log of its own: FrontEnd keeps one).
 HANDLER_ARGS = {"max_field_size": 16384, "max_line_size": 16384, "access_log": None}
 SHUTDOWN_SECONDS = 10.0
@@ -130,9 +132,21 @@ class Sprox:
         from .analytics.accesslog import AccessLog
 
         self.access_log = AccessLog(self.config.logs_path)
+        self.peers = None
+        if self.config.peers:
+            from .peers import Peers
+            from .warm import RequestSigner
+
+            key = self.config.admin_key  # (config.py refuses --peers with keys but none of these)
+            signer = RequestSigner(key=(key.access_key, key.secret_key)) if key is not None else None
+            self.peers = Peers(self.config.peers,
+                               signer.headers if signer is not None else (lambda method, url, body: {}))
         self.frontend = FrontEnd(self.origin, verifier=verifier, domain=self.config.domain, cache=self.cache,
                                  listings=listings, access_log=self.access_log,
-                                 key_rights=self.config.key_rights)
+                                 key_rights=self.config.key_rights, peers=self.peers)
+        # For /_sprox/ready: true from the end of start() until stop() begins.
+        self.ready = False
+        self.invalidations_received = 0  # from other nodes of a tier (/_sprox/metrics)
         if self.cache is not None and self.cache.prefetch is not None:
             self.cache.prefetch.record_access = self.access_log.record  # its GETs, and their use
         self._runner: web.AppRunner | None = None
@@ -182,7 +196,12 @@ class Sprox:
 
             return admin_handler
 
+        # A balancer's and Kubernetes' probes: never signed (they cannot sign), and they
+        # tell nothing but whether this node is up and taking requests.
+        app.router.add_get(ADMIN_PREFIX + "live", self._live)
+        app.router.add_get(ADMIN_PREFIX + "ready", self._ready)
         app.router.add_get(ADMIN_PREFIX + "health", route(self._health))
+        app.router.add_post(PEER_INVALIDATE, route(partial(self._peer_invalidate, signed=signed), write=True))
         app.router.add_post(ADMIN_PREFIX + "cache/purge", route(self._purge, write=True))
         app.router.add_get(ADMIN_PREFIX + "cache/stats", route(self._cache_stats))
         app.router.add_get(ADMIN_PREFIX + "metrics", route(self._metrics))
@@ -230,9 +249,47 @@ class Sprox:
                               kernel_ring_full=kernel.ring_full if kernel is not None else 0,
                               kernel_partials=kernel.partials if kernel is not None else 0,
                               connections=len(lanes.connections) if lanes is not None else 0,
-                              refused_connections=lanes.refused_total if lanes is not None else 0)
+                              refused_connections=lanes.refused_total if lanes is not None else 0,
+                              peers=self.peers, invalidations_received=self.invalidations_received)
         return web.Response(text=text, content_type="text/plain", headers={"X-Content-Type-Options": "nosniff"},
                             charset="utf-8")
+
+    async def _live(self, request: web.Request) -> web.Response:
+        """Liveness: the event loop answers."""
+        return web.json_response({"status": "alive"})
+
+    async def _ready(self, request: web.Request) -> web.Response:
+        """Readiness: started (cache index loaded, listening) and not stopping."""
+        if not self.ready:
+            return web.json_response({"status": "not ready"}, status=503)
+        return web.json_response({"status": "ready"})
+
+    async def _peer_invalidate(self, request: web.Request, *, signed: bool) -> web.Response:
+        """Another node of the tier forwarded a write: forget what it changed
+        (sprox/peers.py). The signature, checked before, covers the body's SHA-256."""
+        from .peers import NODE_HEADER, MAX_KEYS, body_digest, parse_invalidation
+
+        request_id = new_request_id()
+        if request.content_length is not None and request.content_length > MAX_KEYS * 1100 + 4096:
+            return error_response(errors.S3Error("EntityTooLarge", "An invalidation names at most "
+                                                 f"{MAX_KEYS} keys.", 400), request_id)
+        body = await request.read()
+        if signed and request.headers.get("x-amz-content-sha256", "").lower() != body_digest(body):
+            return error_response(errors.S3Error("XAmzContentSHA256Mismatch", "The body of an invalidation must "
+                                                 "be signed (x-amz-content-sha256 is its SHA-256).", 400),
+                                  request_id)
+        try:
+            bucket, keys, node = parse_invalidation(body)
+        except ValueError as exc:
+            return error_response(errors.S3Error("MalformedPOSTRequest", f"Not an invalidation: {exc}.", 400),
+                                  request_id)
+        if self.peers is not None and node == self.peers.node_id:
+            return web.json_response({"self": True})  # our own call, through a name that resolves to us too
+        self.frontend.invalidate(bucket, keys)
+        self.invalidations_received += 1
+        log.info("invalidated %s in bucket %s for node %s", "every key" if keys is None else f"{len(keys)} key(s)",
+                 bucket, request.headers.get(NODE_HEADER, node) or "?")
+        return web.json_response({"invalidated": "bucket" if keys is None else len(keys)})
 
     async def _health(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "ok", "origin": self.origin.description})
@@ -283,6 +340,8 @@ class Sprox:
                     raise ConfigError(flag, reason) from None
             await self.origin.start()
             await self.access_log.start()
+            if self.peers is not None:
+                await self.peers.start()
         except BaseException:
             await self.stop()
             raise
@@ -315,10 +374,12 @@ class Sprox:
             # reads) reach this process while it holds the cache lock.
             (self.config.cache_path / "endpoint").write_text(self.endpoint + "\n")
             (self.config.cache_path / "admin-endpoint").write_text(self.admin_endpoint + "\n")
+        self.ready = True
 
     async def stop(self) -> None:
         """Stop accepting, let in-flight responses finish, flush the cache index,
         release the origin."""
+        self.ready = False
         if self._listener is not None:
             self._listener.close()
             self._listener = None
@@ -336,6 +397,8 @@ class Sprox:
         if self.cache is not None and self._lock_fd is not None:
             await self.cache.close()
         await self.access_log.close()
+        if self.peers is not None:
+            await self.peers.close()
         await self.origin.close()
         if self._lock_fd is not None:
             os.close(self._lock_fd)

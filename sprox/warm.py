@@ -92,13 +92,14 @@ class RequestSigner:
             self.credentials = session.get_credentials()
         self.region = region or session.get_config_variable("region") or "us-east-1"
 
-    def headers(self, method: str, url: str) -> dict[str, str]:
+    def headers(self, method: str, url: str, body: bytes = b"") -> dict[str, str]:
+        """Signature headers; over plain http botocore signs the body's SHA-256 too."""
         if self.credentials is None:
             return {}  # unsigned: what a Sprox with --auth none takes
         from botocore.auth import S3SigV4Auth
         from botocore.awsrequest import AWSRequest
 
-        request = AWSRequest(method=method, url=url, headers={})
+        request = AWSRequest(method=method, url=url, headers={}, data=body)
         S3SigV4Auth(self.credentials.get_frozen_credentials(), "s3", self.region).add_auth(request)
         return dict(request.headers.items())
 

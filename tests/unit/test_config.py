@@ -236,3 +236,28 @@ def test_a_cache_directory_keeps_the_block_size_it_was_built_with(tmp_path: Path
     assert load({"cache_dir": str(cache)}, environ={}).block_size == 4 * 1024 * 1024
     assert load({"cache_dir": str(cache), "block_size": "256KiB"}, environ={}).block_size == 256 * 1024
     assert load({"cache_dir": str(cache)}, environ={"SPROX_BLOCK_SIZE": "64KiB"}).block_size == 64 * 1024
+
+
+def test_peers_are_host_port_entries_from_flags_env_and_file(tmp_path: Path):
+    keys = {"access_key": "a", "secret_key": "s"}
+    c = load({"peers": "10.0.0.1:9000, sprox-tier.ns.svc:9000,[::1]:9001", **keys}, environ={})
+    assert [(p.host, p.port) for p in c.peers] == [("10.0.0.1", 9000), ("sprox-tier.ns.svc", 9000), ("::1", 9001)]
+    assert load(keys, environ={"SPROX_PEERS": "http://n1:9000/"}).peers[0].authority == "n1:9000"
+    cfg = tmp_path / "sprox.toml"
+    cfg.write_text('peers = ["n1:9000", "n2:9000"]\naccess_key = "a"\nsecret_key = "s"\n')
+    assert [p.host for p in load({"config": str(cfg)}, environ={}).peers] == ["n1", "n2"]
+    assert Config(peers="n1:1,n2:2", **keys).peers[1].port == 2  # embedding: a string too
+
+
+@pytest.mark.parametrize("value", ["n1", "n1:port", "n1:0", "n1:70000", "https://n1:9000", "n1:9000/x", ",", ""])
+def test_bad_peers_are_named(value: str):
+    with pytest.raises(ConfigError, match="--peers"):
+        load({"peers": value, "access_key": "a", "secret_key": "s"}, environ={})
+
+
+def test_peers_need_a_key_that_may_sign_for_every_bucket(tmp_path: Path):
+    cfg = tmp_path / "sprox.toml"
+    cfg.write_text('peers = "n1:9000"\n[[keys]]\naccess_key = "r"\nsecret_key = "s"\nbuckets = ["data"]\n')
+    with pytest.raises(ConfigError, match="--peers: needs a key that may use every bucket"):
+        load({"config": str(cfg)}, environ={})
+    assert load({"peers": "n1:9000"}, environ={}).peers  # no keys (loopback, --auth none): calls go unsigned
