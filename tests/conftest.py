@@ -208,6 +208,21 @@ def sprox_moto(_module_sprox: SproxStarter, tmp_path_factory: pytest.TempPathFac
 
 
 @pytest.fixture(scope="module")
+def sprox_tier(tmp_path_factory: pytest.TempPathFactory, moto_server: MotoServer, aws_files: dict[str, str]):
+    """Three Sprox nodes fronting moto behind nginx's consistent hashing (tests/tier.py)."""
+    from tests.tier import Tier, TierUnderTest, nginx_binary
+
+    if nginx_binary() is None:
+        if os.environ.get("CI"):
+            pytest.fail("nginx not found: CI installs it")
+        pytest.skip("nginx not installed")
+    tier = Tier(tmp_path_factory.mktemp("tier"), moto_server.endpoint,
+                lambda log_dir: sprox_env(log_dir, aws_files)).start()
+    yield TierUnderTest(tier, moto_server)
+    tier.stop()
+
+
+@pytest.fixture(scope="module")
 def sprox_seaweed(_module_sprox: SproxStarter, tmp_path_factory: pytest.TempPathFactory,
                   seaweed_server: SeaweedServer) -> SproxUnderTest:
     """Sprox fronting the session's SeaweedFS server."""

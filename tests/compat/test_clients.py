@@ -42,9 +42,10 @@ PARQUET_DIR = TableFacts(rows=PARQUET.rows + 1_000, id_sum=PARQUET.id_sum + tabl
                          value_sum=PARQUET.value_sum + table_facts(1_000).value_sum)
 CSV = table_facts(10_000)
 
-ALL_ORIGINS = ["local", "moto", pytest.param("seaweedfs", marks=pytest.mark.seaweedfs)]
+# "tier": three Sprox nodes over moto behind nginx (deploy/nginx/sprox-tier.conf).
+ALL_ORIGINS = ["local", "moto", pytest.param("seaweedfs", marks=pytest.mark.seaweedfs), "tier"]
 on_all_origins = pytest.mark.parametrize("store", ALL_ORIGINS, indirect=True)
-on_local_origin = pytest.mark.parametrize("store", ["local"], indirect=True)
+on_local_origin_and_tier = pytest.mark.parametrize("store", ["local", "tier"], indirect=True)
 
 
 @dataclass
@@ -87,7 +88,8 @@ def _create_bucket(target: SproxUnderTest, bucket: str) -> None:
 def store(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Store:
     origin = request.param
     target: SproxUnderTest = request.getfixturevalue(
-        {"local": "sprox_local_sigv4", "moto": "sprox_moto", "seaweedfs": "sprox_seaweed"}[origin])
+        {"local": "sprox_local_sigv4", "moto": "sprox_moto", "seaweedfs": "sprox_seaweed",
+         "tier": "sprox_tier"}[origin])
     bucket = f"compat-clients-{uuid.uuid4().hex[:10]}"
     _create_bucket(target, bucket)
 
@@ -218,7 +220,7 @@ def aws_cli(make_client_env, tmp_path_factory: pytest.TempPathFactory):
     return run
 
 
-@on_local_origin
+@on_local_origin_and_tier
 def test_awscli_lists_a_prefix(store: Store, aws_cli) -> None:
     out = aws_cli(store, "s3", "ls", "--recursive", f"s3://{store.bucket}/listing/")
     # Lines: "<date> <time> <size> <key>"
@@ -229,7 +231,7 @@ def test_awscli_lists_a_prefix(store: Store, aws_cli) -> None:
     assert {o["Key"]: o["Size"] for o in json.loads(out)["Contents"]} == LISTING
 
 
-@on_local_origin
+@on_local_origin_and_tier
 def test_awscli_reads_parquet_and_csv(store: Store, aws_cli, tmp_path: Path) -> None:
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
@@ -240,7 +242,7 @@ def test_awscli_reads_parquet_and_csv(store: Store, aws_cli, tmp_path: Path) -> 
     assert _sum_rows(pacsv.read_csv(tmp_path / "t.csv")) == (CSV.rows, CSV.value_sum)
 
 
-@on_local_origin
+@on_local_origin_and_tier
 def test_awscli_uploads_and_downloads(store: Store, aws_cli, tmp_path: Path) -> None:
     for name, size, parts in [("small.bin", 2000, None), ("multipart.bin", 12 * MiB, 3)]:
         key = f"uploads/awscli/{name}"
@@ -268,7 +270,7 @@ def s3fs_fs(store: Store):
                              skip_instance_cache=True, use_listings_cache=False)
 
 
-@on_local_origin
+@on_local_origin_and_tier
 def test_s3fs_lists_a_prefix(store: Store, s3fs_fs) -> None:
     found = s3fs_fs.find(f"{store.bucket}/listing/", detail=True)
     assert {path.split("/", 1)[1]: info["size"] for path, info in found.items()} == LISTING
@@ -276,7 +278,7 @@ def test_s3fs_lists_a_prefix(store: Store, s3fs_fs) -> None:
     assert sorted(p.split("/", 1)[1] for p in top) == ["listing/a.bin", "listing/b.bin", "listing/sub"]
 
 
-@on_local_origin
+@on_local_origin_and_tier
 def test_s3fs_reads_parquet_and_csv(store: Store, s3fs_fs) -> None:
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
@@ -386,7 +388,7 @@ def _datafusion_totals(ctx, table: str) -> tuple[int, int]:
     return result["n"][0], result["s"][0]
 
 
-@on_local_origin
+@on_local_origin_and_tier
 def test_datafusion_lists_and_reads_parquet(store: Store, datafusion_ctx) -> None:
     datafusion_ctx.register_parquet("one", store.url(PARQUET_KEY))
     assert _datafusion_totals(datafusion_ctx, "one") == (PARQUET.rows, PARQUET.value_sum)
@@ -395,7 +397,7 @@ def test_datafusion_lists_and_reads_parquet(store: Store, datafusion_ctx) -> Non
     assert _datafusion_totals(datafusion_ctx, "dir") == (PARQUET_DIR.rows, PARQUET_DIR.value_sum)
 
 
-@on_local_origin
+@on_local_origin_and_tier
 def test_datafusion_reads_csv(store: Store, datafusion_ctx) -> None:
     datafusion_ctx.register_csv("csv", store.url(CSV_KEY))
     assert _datafusion_totals(datafusion_ctx, "csv") == (CSV.rows, CSV.value_sum)
@@ -409,7 +411,7 @@ def _polars_options(store: Store) -> dict[str, str]:
             "aws_access_key_id": TEST_ACCESS_KEY, "aws_secret_access_key": TEST_SECRET_KEY}
 
 
-@on_local_origin
+@on_local_origin_and_tier
 def test_polars_lists_and_reads_parquet(store: Store) -> None:
     import polars as pl
 
@@ -423,7 +425,7 @@ def test_polars_lists_and_reads_parquet(store: Store) -> None:
     assert sorted(frame["path"].unique()) == [store.url(PARQUET_KEY), store.url(PARQUET_SMALL_KEY)]
 
 
-@on_local_origin
+@on_local_origin_and_tier
 def test_polars_reads_csv(store: Store) -> None:
     import polars as pl
 
@@ -443,7 +445,7 @@ def obstore_store(store: Store):
                    client_options={"allow_http": True})
 
 
-@on_local_origin
+@on_local_origin_and_tier
 def test_obstore_lists_a_prefix(store: Store, obstore_store) -> None:
     import obstore
 
@@ -455,7 +457,7 @@ def test_obstore_lists_a_prefix(store: Store, obstore_store) -> None:
     assert top["common_prefixes"] == ["listing/sub"]
 
 
-@on_local_origin
+@on_local_origin_and_tier
 def test_obstore_reads_parquet_and_csv(store: Store, obstore_store) -> None:
     import obstore
     import pyarrow.csv as pacsv
@@ -476,7 +478,7 @@ def test_obstore_reads_parquet_and_csv(store: Store, obstore_store) -> None:
 # -- minio -------------------------------------------------------------------------------
 
 
-@on_local_origin
+@on_local_origin_and_tier
 def test_minio_lists_uploads_and_downloads(store: Store) -> None:
     from minio import Minio
 

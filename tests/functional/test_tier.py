@@ -14,127 +14,20 @@ from __future__ import annotations
 import concurrent.futures
 import hashlib
 import os
-import re
-import shutil
-import subprocess
 import time
 import urllib.request
-from pathlib import Path
 
 import boto3
 import pytest
-from botocore.config import Config as BotoConfig
 
-from tests.conftest import TEST_ACCESS_KEY, TEST_REGION, TEST_SECRET_KEY, sprox_env
-from tests.faultproxy import FaultProxy
-from tests.servers import HOST, SproxProcess, free_ports, tcp_accepts
+from tests.conftest import sprox_env
+from tests.servers import TEST_ACCESS_KEY, TEST_REGION, TEST_SECRET_KEY
+from tests.tier import Tier, nginx_binary
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[2]
-RECIPE = REPO / "deploy" / "nginx" / "sprox-tier.conf"
 BUCKET = "tier"
 OBJECTS = {f"data/part-{i:02d}.bin": os.urandom(300_000 + 4099 * i) for i in range(9)}
-
-
-def nginx_binary() -> str | None:
-    return shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx")
-                                          if os.path.exists(p)), None)
-
-
-def render_recipe(work: Path, port: int, nodes: list[int]) -> str:
-    """deploy/nginx/sprox-tier.conf with this test's nodes and listen address, and
-    nginx's own files in `work`. The rest is the recipe as users get it."""
-    text = RECIPE.read_text()
-    servers = [line for line in text.splitlines() if re.match(r"\s*server 10\.0\.0\.\d+:9000 ", line)]
-    assert len(servers) == 3, "the recipe's server lines changed: update this test"
-    text = text.replace(servers[0], "\n".join(
-        servers[0].replace("10.0.0.11:9000", f"{HOST}:{p}") for p in nodes))
-    for line in servers[1:]:
-        text = text.replace(line + "\n", "")
-    text = text.replace("listen 9000;", f"listen {HOST}:{port};")
-    text = text.replace("worker_processes auto;", "worker_processes 1;\n"
-                        f"pid {work}/nginx.pid;\nerror_log {work}/error.log warn;")
-    temp = "".join(f"    {kind}_temp_path {work}/{kind};\n"
-                   for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
-    return text.replace("http {\n", "http {\n" + temp, 1)
-
-
-class Tier:
-    def __init__(self, work: Path, moto_endpoint: str, aws_files: dict[str, str]) -> None:
-        self.work = work
-        self.proxy = FaultProxy(moto_endpoint)
-        self.nginx_port, *self.node_ports = free_ports(4)
-        self.nodes: list[SproxProcess | None] = [None, None, None]
-        self.aws_files = aws_files
-        self.nginx: subprocess.Popen | None = None
-
-    def node_args(self, i: int) -> list[str]:
-        peers = ",".join(f"{HOST}:{p}" for p in self.node_ports)  # itself too: a node skips itself
-        return ["--port", str(self.node_ports[i]), "--upstream", self.proxy.endpoint,
-                "--upstream-region", TEST_REGION, "--upstream-addressing", "path",
-                "--access-key", TEST_ACCESS_KEY, "--secret-key", TEST_SECRET_KEY,
-                "--cache-dir", str(self.work / f"cache-{i}"), "--list-ttl", "300", "--peers", peers]
-
-    def start_node(self, i: int) -> SproxProcess:
-        log_dir = self.work / f"node-{i}-{time.monotonic_ns()}"
-        node = SproxProcess(log_dir, *self.node_args(i), env=sprox_env(log_dir, self.aws_files))
-        self.nodes[i] = node.start()
-        return node
-
-    def start(self) -> Tier:
-        self.proxy.__enter__()
-        for i in range(3):
-            self.start_node(i)
-        conf = self.work / "nginx.conf"
-        conf.write_text(render_recipe(self.work, self.nginx_port, self.node_ports))
-        with open(self.work / "nginx.stderr", "wb") as stderr:
-            self.nginx = subprocess.Popen([nginx_binary(), "-c", str(conf), "-p", str(self.work), "-g",
-                                           "daemon off;"], stdout=subprocess.DEVNULL, stderr=stderr,
-                                          start_new_session=True)
-        deadline = time.monotonic() + 15
-        while not tcp_accepts(self.nginx_port):
-            if self.nginx.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("nginx did not start: " + (self.work / "nginx.stderr").read_text()
-                                   + (self.work / "error.log").read_text() if (self.work / "error.log").exists()
-                                   else "")
-            time.sleep(0.02)
-        return self
-
-    def stop(self) -> None:
-        if self.nginx is not None:
-            self.nginx.terminate()
-            self.nginx.wait(10)
-        for node in self.nodes:
-            if node is not None:
-                node.stop()
-        self.proxy.__exit__(None, None, None)
-
-    @property
-    def endpoint(self) -> str:
-        return f"http://{HOST}:{self.nginx_port}"
-
-    def client(self, **config):
-        return boto3.client("s3", endpoint_url=self.endpoint, region_name=TEST_REGION,
-                            aws_access_key_id=TEST_ACCESS_KEY, aws_secret_access_key=TEST_SECRET_KEY,
-                            config=BotoConfig(**config))
-
-    def metric(self, i: int, name: str) -> float:
-        node = self.nodes[i]
-        assert node is not None
-        signer = RequestSignerForNode()
-        url = f"{node.endpoint}/_sprox/metrics"
-        request = urllib.request.Request(url, headers=signer.headers("GET", url))
-        with urllib.request.urlopen(request, timeout=10) as response:
-            text = response.read().decode()
-        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                   if line.startswith(name) and (len(line) == len(name) or line[len(name)] in " {"))
-
-
-def RequestSignerForNode():
-    from sprox.warm import RequestSigner
-
-    return RequestSigner(key=(TEST_ACCESS_KEY, TEST_SECRET_KEY))
 
 
 @pytest.fixture(scope="module")
@@ -151,7 +44,8 @@ def tier(tmp_path_factory: pytest.TempPathFactory, moto_server, aws_files) -> Ti
         pass
     for key, data in OBJECTS.items():
         direct.put_object(Bucket=BUCKET, Key=key, Body=data)
-    tier = Tier(tmp_path_factory.mktemp("tier"), moto_server.endpoint, aws_files).start()
+    tier = Tier(tmp_path_factory.mktemp("tier"), moto_server.endpoint,
+                lambda log_dir: sprox_env(log_dir, aws_files)).start()
     yield tier
     tier.stop()
 
