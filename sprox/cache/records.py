@@ -18,6 +18,7 @@ from ..s3.numbers import decimal, parse_content_range
 _NOT_REPLAYED = frozenset({
     "date", "server", "connection", "keep-alive", "transfer-encoding", "content-length",
     "content-range", "accept-ranges", "etag", "last-modified", "x-amz-request-id", "x-amz-id-2",
+    "x-amzn-requestid",  # (moto's and other AWS services' request id)
     "x-sprox-request-id", "x-amz-mp-parts-count", "x-cache", "x-amz-checksum-type", "vary",
     "access-control-allow-origin", "access-control-allow-methods", "access-control-allow-headers",
     "access-control-expose-headers", "access-control-max-age", "access-control-allow-credentials",

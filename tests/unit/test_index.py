@@ -59,3 +59,12 @@ def test_an_index_from_before_checksums_opens_with_them_unknown(tmp_path: Path) 
     index.learned_checksums(record, ())
     index.close()
     assert reopened(path).get("b", "k").checksums == ()
+
+
+def test_per_response_headers_are_never_replayed_from_the_cache():
+    from sprox.cache.records import replayable
+
+    for name in ("x-amz-request-id", "X-Amz-Id-2", "x-amzn-RequestId", "Date", "x-amz-checksum-crc32"):
+        assert not replayable(name), name
+    for name in ("Content-Type", "x-amz-meta-owner", "Cache-Control", "x-amz-version-id"):
+        assert replayable(name), name
