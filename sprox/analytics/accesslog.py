@@ -50,14 +50,26 @@ its file then and opens the next one only when records arrive).
 
 While open, a file is named `<name>.parquet.inprogress`; it is renamed to `<name>.parquet`
 once its footer is written and fsynced. Readers (`read_access_log`, reports: point them
-at `*.parquet`) therefore never see a half-written file, and rows become readable when
-their file is closed: at the latest `rotate_seconds + flush_seconds` after being
-recorded, or at `close()`.
+at `*.parquet`) therefore never see a half-written Parquet file.
 
-An `.inprogress` file that stays behind (the process crashed, or a write failed and the
-file was abandoned) has no footer and cannot be read. Sprox never reads, renames or
-deletes one: `start()` names those it finds in a warning, and removing them is the
-operator's call (in a shared directory, one may belong to another running process).
+Beside the open file, every flush also appends its rows to a journal, `<name>.journal`:
+an Arrow IPC stream (LZ4), fsynced after each flush, whose batches are readable while it
+is written (a batch torn by a crash is the end of it). So:
+
+- a record is readable within `flush_seconds` (5 s) of being recorded, not only when
+  its Parquet file is closed: `read_access_log` reads the Parquet files and the
+  journals that have no Parquet file yet (`sprox report`, `sprox cache stats`);
+- a process killed with SIGKILL loses only what it had not flushed yet (at most
+  `flush_seconds` of records): the next `start()` in the directory turns each journal
+  whose writer is gone into its Parquet file (the writer holds an exclusive `flock` on
+  its journal until it exits, however it exits) and deletes the journal and the
+  `.inprogress` file it stood beside. A journal whose Parquet file was published
+  already (a crash between the rename and the unlink) is just deleted.
+
+An `.inprogress` file without a journal (left by a version before journals, or by a
+write failure) has no footer and cannot be read. Sprox never reads, renames or deletes
+one: `start()` names those it finds in a warning, and removing them is the operator's
+call (in a shared directory, one may belong to another running process).
 
 Threads, failures, memory
 -------------------------
@@ -92,7 +104,10 @@ from functools import partial
 from pathlib import Path
 from typing import NamedTuple
 
+import fcntl
+
 import pyarrow as pa
+import pyarrow.ipc
 import pyarrow.parquet as pq
 
 log = logging.getLogger("sprox.accesslog")
@@ -122,6 +137,8 @@ SCHEMA = pa.schema(
 )
 
 INPROGRESS = ".inprogress"
+JOURNAL = ".journal"
+JOURNAL_OPTIONS = pa.ipc.IpcWriteOptions(compression="lz4")
 # Columns with few distinct values, dictionary-encoded; the others (request ids, times,
 # ranges, offsets) are nearly all distinct, and trying a dictionary on them cost a third
 # of the writer's CPU for a bigger file (10,000 hit records: 0.38 against 0.59 us per
@@ -199,11 +216,15 @@ class AccessLog:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sprox-accesslog",
                                             initializer=_lower_priority)
         try:
-            stale = await asyncio.get_running_loop().run_in_executor(self._executor, self._files.prepare)
+            stale, recovered = await asyncio.get_running_loop().run_in_executor(self._executor, self._files.prepare)
         except Exception:
             self._executor.shutdown()  # its only job has finished: the join is instant
             self._executor = None
             raise
+        if recovered:
+            log.warning("access log: recovered %d record(s) from %d journal(s) of a process that stopped "
+                        "without closing its log (killed?) into %s", sum(recovered.values()), len(recovered),
+                        ", ".join(sorted(path.name for path in recovered)))
         if stale:
             names = ", ".join(path.name for path in stale[:10]) + (" ..." if len(stale) > 10 else "")
             log.warning("access log: %d unfinished file(s) in %s, left by a crashed (or another "
@@ -366,11 +387,58 @@ def kernel_batch(log: tuple) -> pa.RecordBatch:
 
 
 def read_access_log(directory: str | os.PathLike[str]) -> pa.Table:
-    """Every complete access log file in `directory`, oldest first, as one table with
-    `SCHEMA`. `.inprogress` files are skipped. Blocking: not for the event loop thread."""
-    paths = sorted(Path(directory).glob("access-*.parquet"))
-    tables = [pq.read_table(path, schema=SCHEMA) for path in paths]
+    """Every record in `directory`'s access log, oldest file first, as one table with
+    `SCHEMA`: the Parquet files, and the journals of files not closed yet (their complete
+    batches). `.inprogress` files are skipped. Blocking: not for the event loop thread."""
+    directory = Path(directory)
+    parquet = {path.name: path for path in directory.glob("access-*.parquet")}
+    sources = [(path.name, path) for path in parquet.values()]
+    for journal in directory.glob("access-*" + JOURNAL):
+        if _published_name(journal) not in parquet:
+            sources.append((_published_name(journal), journal))
+    tables = []
+    for _, path in sorted(sources):
+        if path.suffix == JOURNAL:
+            table = read_journal(path)
+            if table.num_rows:
+                tables.append(table)
+        else:
+            tables.append(pq.read_table(path, schema=SCHEMA))
     return pa.concat_tables(tables) if tables else SCHEMA.empty_table()
+
+
+def read_journal(path: Path) -> pa.Table:
+    """The complete batches of a journal, as a table with `SCHEMA` (a batch cut short by
+    a crash, or still being written, ends it). Empty if the file is gone or unreadable."""
+    batches = []
+    try:
+        with pa.OSFile(str(path), "r") as source:
+            reader = pa.ipc.open_stream(source)
+            while True:
+                try:
+                    batches.append(reader.read_next_batch())
+                except StopIteration:
+                    break
+                except (pa.ArrowInvalid, OSError):
+                    break  # torn or being written: what came before is whole
+            schema = reader.schema
+    except (pa.ArrowInvalid, OSError):  # gone (published meanwhile), or not even a schema yet
+        return SCHEMA.empty_table()
+    return _conform(pa.Table.from_batches(batches, schema=schema))
+
+
+def _conform(table: pa.Table) -> pa.Table:
+    """`table` with SCHEMA's columns, in order; a column it lacks is all nulls."""
+    if table.schema.equals(SCHEMA, check_metadata=False):
+        return table.replace_schema_metadata(SCHEMA.metadata)
+    columns = [table.column(f.name).cast(f.type) if f.name in table.column_names
+               else pa.nulls(table.num_rows, f.type) for f in SCHEMA]
+    return pa.Table.from_arrays(columns, schema=SCHEMA)
+
+
+def _published_name(journal: Path) -> str:
+    """The `.parquet` name of the file a journal stands beside."""
+    return journal.name[:-len(JOURNAL)] + ".parquet"
 
 
 # The writer thread's nice value: the loop answers requests, the writer can wait. On a
@@ -406,11 +474,49 @@ class _ParquetFiles:
         self._fd = -1  # the file's own descriptor, for the fsync
         self._writer: pq.ParquetWriter | None = None
         self._opened_at = 0.0
+        self._journal_path: Path | None = None
+        self._journal_fd = -1  # flock'd while open: a reader of the directory knows we live
+        self._journal_file: pa.NativeFile | None = None
+        self._journal: pa.ipc.RecordBatchStreamWriter | None = None
 
-    def prepare(self) -> list[Path]:
-        """Create the directory; return the `.inprogress` files already in it."""
+    def prepare(self) -> tuple[list[Path], dict[Path, int]]:
+        """Create the directory; publish the journals of writers that are gone (a
+        Parquet file each). Returns the `.inprogress` files that stay (unreadable) and
+        the Parquet files recovered, with their row counts."""
         self.directory.mkdir(parents=True, exist_ok=True)
-        return sorted(self.directory.glob("access-*" + INPROGRESS))
+        recovered = {}
+        for journal in sorted(self.directory.glob("access-*" + JOURNAL)):
+            rows = self._recover(journal)
+            if rows is not None:
+                recovered[self.directory / _published_name(journal)] = rows
+        return sorted(self.directory.glob("access-*" + INPROGRESS)), recovered
+
+    def _recover(self, journal: Path) -> int | None:
+        """Turn a dead writer's journal into its Parquet file; None when its writer is
+        alive (it holds the journal's lock) or it was never published and is empty."""
+        try:
+            fd = os.open(journal, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return None  # another process writes it
+            published = self.directory / _published_name(journal)
+            inprogress = published.with_name(published.name + INPROGRESS)
+            rows = None
+            if not published.exists():
+                table = read_journal(journal)
+                if table.num_rows:
+                    _write_parquet(table, published)
+                    rows = table.num_rows
+            with suppress(FileNotFoundError):
+                inprogress.unlink()  # its rows are in the published file
+            journal.unlink()
+            return rows
+        finally:
+            os.close(fd)
 
     def write(self, rows: Sequence[AccessRecord], batches: Sequence[pa.RecordBatch] = ()) -> int:
         """Append `rows` and `batches` (the hit kernel's) as one row group, opening a file
@@ -424,8 +530,10 @@ class _ParquetFiles:
             if table is not None and table.num_rows:
                 if self._writer is None:
                     self._open()
-                assert self._writer is not None
+                assert self._writer is not None and self._journal is not None
                 self._writer.write_table(table, row_group_size=table.num_rows)
+                self._journal.write_table(table)
+                os.fdatasync(self._journal_fd)  # what was flushed survives a machine crash too
             if self._writer is not None and self._rotation_due():
                 self._close_file()
         except BaseException:
@@ -480,6 +588,48 @@ class _ParquetFiles:
                 path.unlink()  # it holds no rows
             raise
         self._file, self._fd, self._path, self._opened_at = sink, fd, path, time.monotonic()
+        try:
+            self._open_journal(self.directory / (name[:-len(".parquet")] + JOURNAL))
+        except BaseException:
+            self._abandon()
+            with suppress(OSError):
+                path.unlink()  # it holds no rows
+            raise
+
+    def _open_journal(self, path: Path) -> None:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held until closed, or until we die
+            sink = pa.OSFile(str(path), "w")
+            try:
+                writer = pa.ipc.new_stream(sink, SCHEMA, options=JOURNAL_OPTIONS)
+            except BaseException:
+                sink.close()
+                raise
+        except BaseException:
+            os.close(fd)
+            with suppress(OSError):
+                path.unlink()
+            raise
+        self._journal_path, self._journal_fd, self._journal_file, self._journal = path, fd, sink, writer
+
+    def _close_journal(self, *, delete: bool) -> None:
+        """Close the journal; `delete` once its rows are in a published Parquet file.
+        Kept (after a failure), the next start recovers what it holds."""
+        if self._journal is None:
+            return
+        with suppress(OSError, pa.ArrowException):
+            self._journal.close()
+        with suppress(OSError):
+            assert self._journal_file is not None
+            self._journal_file.close()
+        if delete:
+            assert self._journal_path is not None
+            with suppress(FileNotFoundError):
+                self._journal_path.unlink()
+        os.close(self._journal_fd)  # (releases the lock)
+        self._journal_fd = -1
+        self._journal = self._journal_file = self._journal_path = None
 
     def _close_file(self) -> None:
         assert self._writer is not None and self._file is not None and self._path is not None
@@ -492,6 +642,7 @@ class _ParquetFiles:
         self._fd = -1
         os.rename(self._path, self._path.with_suffix(""))  # drop ".inprogress"
         self._writer = self._file = self._path = None
+        self._close_journal(delete=True)
 
     def _abandon(self) -> None:
         """After a failure, drop the open file: it keeps its `.inprogress` name, so no
@@ -508,6 +659,23 @@ class _ParquetFiles:
             os.close(self._fd)
         self._fd = -1
         self._writer = self._file = self._path = None
+        self._close_journal(delete=False)  # what it holds is published at the next start
+
+
+def _write_parquet(table: pa.Table, path: Path) -> None:
+    """Write `table` as one Parquet file at `path`, published as the log's files are
+    (written as `.inprogress`, fsynced, renamed)."""
+    partial_path = path.with_name(path.name + INPROGRESS)
+    with pa.OSFile(str(partial_path), "w") as sink:
+        with pq.ParquetWriter(sink, SCHEMA, compression=COMPRESSION, use_dictionary=DICTIONARY_COLUMNS,
+                              write_statistics=STATISTICS_COLUMNS) as writer:
+            writer.write_table(table)
+    fd = os.open(partial_path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.rename(partial_path, path)
 
 
 def _table(rows: Sequence[AccessRecord]) -> pa.Table:

@@ -91,3 +91,49 @@ def test_report_figures_match_the_traffic_that_made_them(start_sprox, tmp_path):
     page = tmp_path / "report.html"
     html = run_report("--cache-dir", str(cache_dir), "--format", "html", "--output", str(page))
     assert html.returncode == 0 and page.read_text().count("<svg") == 3
+
+
+def test_the_log_is_readable_while_written_and_survives_sigkill(start_sprox, tmp_path):
+    """A record is readable by `sprox report` within a few seconds (the journal beside
+    the open Parquet file); SIGKILL loses nothing that was flushed, and the next start
+    publishes it as Parquet."""
+    import os
+    import signal
+    import time
+
+    from sprox.analytics.accesslog import read_access_log
+
+    cache_dir = tmp_path / "cache"
+    args = ("--origin-dir", str(tmp_path / "origin"), "--cache-dir", str(cache_dir))
+    proc = start_sprox(tmp_path, *args)
+    s3 = boto3.session.Session(aws_access_key_id="k", aws_secret_access_key="s", region_name="us-east-1").client(
+        "s3", endpoint_url=proc.endpoint, config=Config(s3={"addressing_style": "path"},
+                                                        retries={"max_attempts": 1}))
+    s3.create_bucket(Bucket="log")
+    s3.put_object(Bucket="log", Key="k", Body=b"x" * 1000)
+    ids = {s3.get_object(Bucket="log", Key="k")["ResponseMetadata"]["RequestId"] for _ in range(20)}
+    logs = cache_dir / "logs"
+
+    def logged() -> set[str]:
+        return set(read_access_log(logs).column("request_id").to_pylist())
+
+    deadline = time.monotonic() + 30  # flushed every 5 s
+    while not ids <= logged():
+        assert time.monotonic() < deadline, "records not readable while Sprox runs"
+        time.sleep(0.2)
+    report = run_report("--logs", str(logs), "--format", "json")
+    assert report.returncode == 0, report.stderr
+    assert json.loads(report.stdout)["hit_ratio"]["hits"] >= 19
+    assert not list(logs.glob("*.parquet"))  # (all of it from the journal: the file is open)
+
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.stop()
+    assert ids <= logged()  # a dead writer's journal is read as it is
+    again = start_sprox(tmp_path, *args)  # (the log starts before Sprox listens)
+    assert list(logs.glob("*.parquet")) and not list(logs.glob("*.journal"))
+    assert "recovered" in again.log_text()
+    again.stop()
+    assert not [p.name for p in logs.iterdir() if not p.name.endswith(".parquet")]
+    table = read_access_log(logs)
+    assert ids <= set(table.column("request_id").to_pylist())
+    assert len(set(table.column("request_id").to_pylist())) == table.num_rows  # nothing twice

@@ -493,7 +493,19 @@ def test_a_failing_write_is_counted_not_raised(tmp_path, monkeypatch, caplog):
     files = names(tmp_path)
     abandoned = [n for n in files if n.endswith(".inprogress")]
     assert len(abandoned) == 1 and abandoned[0] in caplog.text
-    assert read_back(tmp_path) == [as_row(rec(i)) for i in range(4, 6)]
+    # The abandoned file's journal keeps the row written before the failure: readable
+    # now, and published as Parquet by the next start.
+    assert abandoned[0].removesuffix(".parquet.inprogress") + ".journal" in files
+    assert read_back(tmp_path) == [as_row(rec(i)) for i in (0, 4, 5)]
+
+    async def restart():
+        log = AccessLog(tmp_path)
+        await log.start()
+        await log.close()
+
+    asyncio.run(restart())
+    assert not [n for n in names(tmp_path) if not n.endswith(".parquet")]
+    assert read_back(tmp_path) == [as_row(rec(i)) for i in (0, 4, 5)]
 
 
 def test_an_unwritable_directory_is_counted_not_raised(tmp_path):
