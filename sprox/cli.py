@@ -79,7 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     source = report.add_mutually_exclusive_group()
     source.add_argument("--cache-dir", dest="cache_dir", metavar="DIR",
                         help="the cache whose logs/ to read [SPROX_CACHE_DIR]")
-    source.add_argument("--logs", metavar="PATH", help="a directory of access-log Parquet files")
+    source.add_argument("--logs", metavar="DIR", nargs="+",
+                        help="a directory of access-log files; several (the nodes of a tier, e.g. copied "
+                             "or mounted from each) give the tier's figures and a per-node table")
     report.add_argument("--config", dest="config", metavar="FILE", help="[SPROX_CONFIG]")
     report.add_argument("--since", metavar="WHEN", help="ISO 8601 time (UTC unless a zone is given) or an age: "
                         "30m, 24h, 7d")
@@ -327,17 +329,18 @@ def report_command(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"sprox: error: {exc}", file=sys.stderr)
         return 2
-    logs = Path(args.logs) if args.logs else config.logs_path
-    if not logs.is_dir():
-        print(f"sprox: error: {'--logs' if args.logs else '--cache-dir'}: no access log in {str(logs)!r}",
-              file=sys.stderr)
-        return 2
+    logs = [Path(d) for d in args.logs] if args.logs else [config.logs_path]
+    for directory in logs:
+        if not directory.is_dir():
+            print(f"sprox: error: {'--logs' if args.logs else '--cache-dir'}: no access log in {str(directory)!r}",
+                  file=sys.stderr)
+            return 2
     block_size = config.block_size
     if args.block_size is None and not args.logs:  # what this cache used, when it says
         from .cache import admin
 
         block_size = admin.recorded_block_size(config.cache_dir or config_mod.default_cache_dir()) or block_size
-    result = report.build_report(logs, since=since, until=until, prices=prices, block_size=block_size,
+    result = report.build_report(logs if len(logs) > 1 else logs[0], since=since, until=until, prices=prices, block_size=block_size,
                                  cache_size=config.cache_size)
     render = {"text": report.render_text, "json": report.to_json, "html": report.render_html}[args.format]
     output = render(result)

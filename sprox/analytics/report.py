@@ -31,6 +31,8 @@ from __future__ import annotations
 import html
 import json
 import math
+import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -65,12 +67,15 @@ class Prices:
     transfer_per_gb: float = DEFAULT_TRANSFER_PRICE
 
 
-def build_report(logs: Path, *, since: datetime | None = None, until: datetime | None = None,
+def build_report(logs: Path | Sequence[Path], *, since: datetime | None = None, until: datetime | None = None,
                  prices: Prices = Prices(), block_size: int = 128 * 1024,
                  cache_size: int | None = None, curve: bool = True) -> dict[str, Any]:
+    """The report over one log directory, or over several (the nodes of a tier: then
+    the figures are the tier's as a whole, and `by_node` splits them per directory)."""
     from datafusion import SessionContext
 
-    table = read_access_log(logs)
+    directories = [Path(logs)] if isinstance(logs, (str, os.PathLike)) else [Path(d) for d in logs]
+    table = _read_nodes(directories)
     table = _window(table, since, until)
     ctx = SessionContext()
     batches = table.to_batches() or [pa.RecordBatch.from_pylist([], schema=table.schema)]
@@ -80,7 +85,7 @@ def build_report(logs: Path, *, since: datetime | None = None, until: datetime |
         return ctx.sql(sql).to_arrow_table().to_pylist()
 
     report: dict[str, Any] = {
-        "logs": str(logs),
+        "logs": str(directories[0]) if len(directories) == 1 else [str(d) for d in directories],
         "period": _period(rows, since, until),
         "prices": {"get_per_1000": prices.get_per_1000, "transfer_per_gb": prices.transfer_per_gb},
     }
@@ -100,6 +105,8 @@ def build_report(logs: Path, *, since: datetime | None = None, until: datetime |
                        ("by_client", "CASE WHEN user_agent IS NULL OR user_agent = '' THEN '(none)' "
                                      "ELSE split_part(user_agent, ' ', 1) END")):
         report[name] = _grouped(rows, expr)
+    if len(directories) > 1:
+        report["by_node"] = _grouped(rows, "node")
     report["latency_ms"] = rows(f"""
         SELECT cache AS outcome, count(*) AS requests,
                approx_percentile_cont(latency_ms, 0.5) AS p50,
@@ -116,6 +123,18 @@ def build_report(logs: Path, *, since: datetime | None = None, until: datetime |
     if curve:
         report["what_if"] = _what_if(rows, block_size, cache_size)
     return report
+
+
+def _read_nodes(directories: list[Path]) -> pa.Table:
+    """One directory's log; or several, each row with a `node` column naming its
+    directory (as given)."""
+    if len(directories) == 1:
+        return read_access_log(directories[0])
+    tables = []
+    for directory in directories:
+        table = read_access_log(directory)
+        tables.append(table.append_column("node", pa.array([str(directory)] * table.num_rows, pa.string())))
+    return pa.concat_tables(tables)
 
 
 # -- sections --------------------------------------------------------------------------
@@ -300,7 +319,8 @@ def render_text(report: dict[str, Any]) -> str:
     out: list[str] = []
     add = out.append
     period = report["period"]
-    add(f"Sprox cache report: {report['logs']}")
+    logs = report["logs"]
+    add(f"Sprox cache report: {logs if isinstance(logs, str) else ', '.join(logs)}")
     add(f"  {period['requests']} requests, {period['first_request'] or '-'} to {period['last_request'] or '-'}")
     t, r, s = report["totals"], report["hit_ratio"], report["savings"]
     add("")
@@ -328,8 +348,9 @@ def render_text(report: dict[str, Any]) -> str:
         for row in report["latency_ms"]:
             add(f"  {row['outcome']:<8} {row['requests']:>8}  {row['p50']:>8.2f}  {row['p90']:>8.2f}  "
                 f"{row['p99']:>8.2f}  {row['max']:>8.2f}")
-    for title, key in (("By bucket", "by_bucket"), ("By prefix", "by_prefix"), ("By client", "by_client")):
-        if report[key]:
+    for title, key in (("By node", "by_node"), ("By bucket", "by_bucket"), ("By prefix", "by_prefix"),
+                       ("By client", "by_client")):
+        if report.get(key):
             add("")
             add(f"{title:<40} requests   hit ratio  bytes")
             for row in report[key]:

@@ -16,6 +16,7 @@ import hashlib
 import os
 import time
 import urllib.request
+from pathlib import Path
 
 import boto3
 import pytest
@@ -151,3 +152,43 @@ def test_sigkill_of_a_node_during_reads_loses_no_read_and_the_node_rejoins(tier:
         for key in keys:
             assert read(s3, key) == expected[key]
         time.sleep(0.2)  # nginx tries a failed node again after fail_timeout (5 s)
+
+
+def test_report_over_the_nodes_logs_gives_the_tier_and_each_node(tier: Tier) -> None:
+    """`sprox report --logs` over the three nodes' log directories, while they run (and
+    after one was killed and restarted): the tier's figures and a row per node."""
+    import json
+    import subprocess
+    import sys
+
+    s3 = tier.client()
+    ids = set()
+    seen = {}
+    for key in sorted(OBJECTS)[5:]:
+        for _ in range(3):
+            headers = s3.get_object(Bucket=BUCKET, Key=key)["ResponseMetadata"]["HTTPHeaders"]
+            ids.add(headers["x-amz-request-id"])  # Sprox's own id, as logged
+            seen[headers["x-amz-request-id"]] = (key, headers)
+    dirs = [str(tier.work / f"cache-{i}" / "logs") for i in range(3)]
+
+    def report() -> dict:
+        result = subprocess.run([sys.executable, "-m", "sprox", "report", "--logs", *dirs, "--format", "json"],
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr
+        return json.loads(result.stdout)
+
+    deadline = time.monotonic() + 30  # each node flushes its log every 5 s
+    while True:
+        figures = report()
+        from sprox.analytics.accesslog import read_access_log
+        logged = {rid for d in dirs for rid in read_access_log(d).column("request_id").to_pylist()}
+        if ids <= logged:
+            break
+        assert time.monotonic() < deadline, f"the reads never showed in the nodes' logs: {[seen[i] for i in ids - logged]}, " \
+            f"{[sorted(p.name for p in Path(d).iterdir()) for d in dirs]}"
+        time.sleep(0.5)
+    assert figures["logs"] == dirs
+    by_node = {row["name"]: row for row in figures["by_node"]}
+    assert set(by_node) <= set(dirs) and len(by_node) >= 2
+    handled = figures["hit_ratio"]["hits"] + figures["hit_ratio"]["misses"] + figures["hit_ratio"]["partial"]
+    assert sum(row["handled"] for row in by_node.values()) == handled
