@@ -148,8 +148,11 @@ class Peers:
             except OSError as exc:
                 log.warning("peer %s does not resolve: %s", peer.authority, exc)
                 continue
-            for info in infos:
-                address = PeerAddress(info[4][0], peer.port)
+            # Each node once: in a dual-stack cluster a name gives a node's IPv4 and IPv6
+            # address, and nodes listen on one (0.0.0.0 by default): IPv4 when there is one.
+            ipv4 = [info[4][0] for info in infos if info[0] == socket.AF_INET]
+            for host in ipv4 or [info[4][0] for info in infos]:
+                address = PeerAddress(host, peer.port)
                 if address not in found:
                     found.append(address)
         self._resolved, self._resolved_at = tuple(found), now

@@ -51,7 +51,7 @@ def post(url: str, body: bytes, headers: dict[str, str]) -> tuple[int, bytes]:
 def test_a_write_through_one_node_is_seen_at_once_through_the_other(start_sprox, tmp_path):
     origin = tmp_path / "origin"
     port_a, port_b = free_ports(2)
-    peers = f"{HOST}:{port_a},{HOST}:{port_b}"
+    peers = f"localhost:{port_a},{HOST}:{port_b}"  # a name, resolved (to 127.0.0.1: IPv4 first)
     a = start_sprox(tmp_path, "--port", str(port_a), "--origin-dir", str(origin), "--cache-dir",
                     str(tmp_path / "cache-a"), "--ttl", "3600", "--list-ttl", "3600", "--peers", peers, *KEYS)
     b = start_sprox(tmp_path, "--port", str(port_b), "--origin-dir", str(origin), "--cache-dir",
