@@ -403,7 +403,9 @@ async def serve(config: Config, loop_name: str = "asyncio") -> int:
     print(f"Sprox listening on {sprox.endpoint}\n  fronting {sprox.origin.description}\n"
           f"  cache: {cache}\n  auth: {config.auth_mode}\n  event loop: {loop_name}"
           + (f"\n  admin: {sprox.admin_endpoint}{ADMIN_PREFIX} (not on the data port)"
-             if config.admin_port is not None else ""), flush=True)
+             if config.admin_port is not None else "")
+          + (f"\n  peers: {', '.join(p.authority for p in config.peers)} (told about every write)"
+             if config.peers else ""), flush=True)
     from . import lane, ranges
 
     if not (ranges.NATIVE and lane.NATIVE):

@@ -287,7 +287,7 @@ class Sprox:
             return web.json_response({"self": True})  # our own call, through a name that resolves to us too
         self.frontend.invalidate(bucket, keys)
         self.invalidations_received += 1
-        log.info("invalidated %s in bucket %s for node %s", "every key" if keys is None else f"{len(keys)} key(s)",
+        log.debug("invalidated %s in bucket %s for node %s", "every key" if keys is None else f"{len(keys)} key(s)",
                  bucket, request.headers.get(NODE_HEADER, node) or "?")
         return web.json_response({"invalidated": "bucket" if keys is None else len(keys)})
 
