@@ -102,7 +102,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
 from functools import partial
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import fcntl
 
@@ -571,29 +571,16 @@ class _ParquetFiles:
             if (self.directory / name).exists():
                 continue  # same pid, same second: a process before a restart
             try:
-                # Exclusive: never take over another writer's file. This descriptor is
-                # kept for the fsync before publishing.
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+                # pyarrow writes to its own file object without the GIL; through a Python
+                # file object every page write took the GIL back, and the event loop, on a
+                # shared core, waited for it (up to 1.5 ms, measured).
+                fd, sink, writer = _create(path, lambda sink: pq.ParquetWriter(
+                    sink, SCHEMA, compression=COMPRESSION, use_dictionary=DICTIONARY_COLUMNS,
+                    write_statistics=STATISTICS_COLUMNS))
             except FileExistsError:
                 continue
             break
-        try:
-            # pyarrow writes to its own file object without the GIL; through a Python
-            # file object every page write took the GIL back, and the event loop, on a
-            # shared core, waited for it (up to 1.5 ms, measured).
-            sink = pa.OSFile(str(path), "w")
-            try:
-                self._writer = pq.ParquetWriter(sink, SCHEMA, compression=COMPRESSION,
-                                               use_dictionary=DICTIONARY_COLUMNS, write_statistics=STATISTICS_COLUMNS)
-            except BaseException:
-                sink.close()
-                raise
-        except BaseException:
-            os.close(fd)
-            with suppress(OSError):
-                path.unlink()  # it holds no rows
-            raise
-        self._file, self._fd, self._path, self._opened_at = sink, fd, path, time.monotonic()
+        self._writer, self._file, self._fd, self._path, self._opened_at = writer, sink, fd, path, time.monotonic()
         try:
             self._open_journal(self.directory / (name[:-len(".parquet")] + JOURNAL))
         except BaseException:
@@ -603,20 +590,8 @@ class _ParquetFiles:
             raise
 
     def _open_journal(self, path: Path) -> None:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held until closed, or until we die
-            sink = pa.OSFile(str(path), "w")
-            try:
-                writer = pa.ipc.new_stream(sink, SCHEMA, options=JOURNAL_OPTIONS)
-            except BaseException:
-                sink.close()
-                raise
-        except BaseException:
-            os.close(fd)
-            with suppress(OSError):
-                path.unlink()
-            raise
+        fd, sink, writer = _create(path, lambda sink: pa.ipc.new_stream(sink, SCHEMA, options=JOURNAL_OPTIONS))
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held until closed, or until we die (a new file: free)
         self._journal_path, self._journal_fd, self._journal_file, self._journal = path, fd, sink, writer
 
     def _close_journal(self, *, delete: bool) -> None:
@@ -666,6 +641,25 @@ class _ParquetFiles:
         self._fd = -1
         self._writer = self._file = self._path = None
         self._close_journal(delete=False)  # what it holds is published at the next start
+
+
+def _create(path: Path, make_writer: Callable[[pa.NativeFile], Any]) -> tuple[int, pa.NativeFile, Any]:
+    """A new file at `path` (FileExistsError if there is one: never another writer's):
+    its descriptor (kept for the fsync, or the lock), a pyarrow file on it and
+    `make_writer(that file)`. Nothing is left behind when a step fails."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+    try:
+        sink = pa.OSFile(str(path), "w")
+        try:
+            return fd, sink, make_writer(sink)
+        except BaseException:
+            sink.close()
+            raise
+    except BaseException:
+        os.close(fd)
+        with suppress(OSError):
+            path.unlink()
+        raise
 
 
 def _write_parquet(table: pa.Table, path: Path) -> None:
