@@ -25,9 +25,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from sprox.analytics import accesslog
-from sprox.analytics.accesslog import SCHEMA, AccessLog, AccessRecord, read_access_log
+from sprox.analytics.accesslog import SCHEMA, AccessLog, AccessRecord, read_access_log, read_journal
 
 FILE_NAME = re.compile(r"access-\d{8}T\d{6}Z-(\d+)-(\d{6})\.parquet")
+# What the writer thread writes to (the journal); tests make its disk slow or full.
+JOURNAL_WRITER = pa.ipc.RecordBatchStreamWriter
 
 from tests.guards import no_blocking_on_loop  # noqa: E402,F401  (autouse: applies to this module)
 
@@ -211,6 +213,8 @@ def test_flush_on_row_count(tmp_path):
         assert log.written == 0
         log.record(rec(4))
         await until(lambda: log.written == 5, what="a flush after 5 rows")
+        # Readable at once, from the journal of the file not published yet.
+        assert await asyncio.to_thread(read_back, tmp_path) == [as_row(rec(i)) for i in range(5)]
         for i in range(5, 7):
             log.record(rec(i))
         await log.close()
@@ -218,9 +222,7 @@ def test_flush_on_row_count(tmp_path):
 
     asyncio.run(scenario())
     [name] = names(tmp_path)
-    # One row group per flush: the count-triggered one, then the one in close().
-    metadata = pq.read_metadata(tmp_path / name)
-    assert [metadata.row_group(i).num_rows for i in range(metadata.num_row_groups)] == [5, 2]
+    assert FILE_NAME.fullmatch(name)
     assert read_back(tmp_path) == [as_row(rec(i)) for i in range(7)]
 
 
@@ -237,7 +239,7 @@ def test_flush_on_time(tmp_path):
     assert read_back(tmp_path) == [as_row(rec(i)) for i in range(3)]
 
 
-def test_each_flush_is_one_row_group_in_the_same_file(tmp_path):
+def test_each_flush_is_one_batch_of_one_journal_published_as_one_file(tmp_path):
     async def scenario():
         log = AccessLog(tmp_path, flush_seconds=3600)
         await log.start()
@@ -245,12 +247,16 @@ def test_each_flush_is_one_row_group_in_the_same_file(tmp_path):
             for i in range(batch * 10, batch * 10 + 10):
                 log.record(rec(i))
             await log.flush()
-        await log.flush()  # nothing buffered: no empty row group
+        await log.flush()  # nothing buffered: no empty batch
+        [journal] = await asyncio.to_thread(names, tmp_path)
+        assert journal.endswith(".journal")
+        table = await asyncio.to_thread(read_journal, tmp_path / journal)
+        assert table.column(0).num_chunks == 3
         await log.close()
 
     asyncio.run(scenario())
     [name] = names(tmp_path)
-    assert pq.read_metadata(tmp_path / name).num_row_groups == 3
+    assert FILE_NAME.fullmatch(name)
     assert read_back(tmp_path) == [as_row(rec(i)) for i in range(30)]
 
 
@@ -265,8 +271,8 @@ def test_rotation_by_size(tmp_path):
             for i in range(batch * 4, batch * 4 + 4):
                 log.record(rec(i))
             await log.flush()
-            # Over rotate_bytes after the write: closed and published at once.
-            assert len(await complete_files(tmp_path)) == batch + 1
+            # Over rotate_bytes after the write: closed, then published (idle priority).
+            await until(lambda: has_complete_files(tmp_path, batch + 1), what="a size rotation")
         await log.close()
 
     asyncio.run(scenario())
@@ -327,7 +333,7 @@ def test_close_leaves_no_inprogress_file_task_or_thread(tmp_path):
         await log.start()
         log.record(rec(0))
         await until(lambda: log.written == 1, what="a timed flush")
-        assert any(n.endswith(".inprogress") for n in await asyncio.to_thread(names, tmp_path))
+        assert any(n.endswith(".journal") for n in await asyncio.to_thread(names, tmp_path))
         assert any(t.name.startswith("sprox-accesslog") for t in threading.enumerate())
         await log.close()
         await log.close()  # idempotent
@@ -406,8 +412,14 @@ def test_record_does_no_io_and_all_writing_runs_on_one_writer_thread(tmp_path, m
 
     for name in ["__init__", "write_table", "close"]:
         spy(pq.ParquetWriter, name)
-    for name in ["rename", "fsync"]:
+    for name in ["rename", "fsync", "fdatasync"]:
         spy(os, name)
+    journal_write = JOURNAL_WRITER.write_table
+
+    def journal_spy(self, table, max_chunksize=None):
+        calls.append(("journal", threading.current_thread()))
+        return journal_write(self, table, max_chunksize)
+    monkeypatch.setattr(JOURNAL_WRITER, "write_table", journal_spy)
 
     async def scenario():
         log = AccessLog(tmp_path, flush_rows=2, flush_seconds=3600, rotate_bytes=1)
@@ -420,38 +432,53 @@ def test_record_does_no_io_and_all_writing_runs_on_one_writer_thread(tmp_path, m
         return threading.current_thread()
 
     loop_thread = asyncio.run(scenario())
-    assert {name for name, _ in calls} == {"__init__", "write_table", "close", "rename", "fsync"}
-    writer_threads = {thread for _, thread in calls}
-    assert len(writer_threads) == 1 and loop_thread not in writer_threads
-    assert next(iter(writer_threads)).name.startswith("sprox-accesslog")
+    assert {name for name, _ in calls} == {"journal", "fdatasync", "__init__", "write_table", "close", "rename",
+                                           "fsync"}
+    # Journals on the writer thread; their publication as Parquet on the publisher's.
+    (writer,) = {thread for name, thread in calls if name in ("journal", "fdatasync")}
+    (publisher,) = {thread for name, thread in calls if name not in ("journal", "fdatasync")}
+    assert writer.name.startswith("sprox-accesslog_") and publisher.name.startswith("sprox-accesslog-publish")
+    assert loop_thread not in (writer, publisher)
     assert read_back(tmp_path) == [as_row(rec(i)) for i in range(5)]
 
 
 def test_the_writer_stays_out_of_the_loops_way(tmp_path, monkeypatch):
-    """The writer thread runs at a lower priority than the loop, and pyarrow writes to
-    its own file object (a Python one would take the GIL back for every page): on a
-    core shared with the event loop, both showed as stalls in the hits' p99. Files
-    keep min/max statistics for `time` only, and are still read whole."""
+    """The journal's writer thread runs at a lower priority than the loop, and pyarrow
+    writes to its own file object (a Python one would take the GIL back for every page);
+    publishing as Parquet runs only when the CPU is otherwise idle. On a core shared with
+    the event loop, each showed as stalls in the hits' p99. Files keep min/max statistics
+    for `time` only, and are still read whole."""
     seen: dict[str, object] = {}
     init = pq.ParquetWriter.__init__
+    create = accesslog._create
 
-    def spied(self, where, *args, **kwargs):
-        seen["sink"] = where
-        seen["nice"] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    def spied_init(self, where, *args, **kwargs):
+        seen.setdefault("policy", os.sched_getscheduler(0))
         init(self, where, *args, **kwargs)
-    monkeypatch.setattr(pq.ParquetWriter, "__init__", spied)
+
+    def spied_create(path, make_writer):
+        fd, sink, writer = create(path, make_writer)
+        if path.suffix == ".journal":
+            seen["sink"] = sink
+            seen["nice"] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+        return fd, sink, writer
+    monkeypatch.setattr(pq.ParquetWriter, "__init__", spied_init)
+    monkeypatch.setattr(accesslog, "_create", spied_create)
 
     async def scenario():
-        log = AccessLog(tmp_path, flush_seconds=3600)
+        log = AccessLog(tmp_path, flush_seconds=3600, rotate_bytes=1)
         await log.start()
         for i in range(20):
             log.record(rec(i))
+        await log.flush()  # one journal, due for rotation: published while the log runs
+        await until(lambda: has_complete_files(tmp_path, 1), what="the publication")
         await log.close()
         return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
 
     loop_nice = asyncio.run(scenario())
     assert seen["nice"] == max(loop_nice, accesslog.WRITER_NICE)
     assert isinstance(seen["sink"], pa.NativeFile)
+    assert seen["policy"] == os.SCHED_IDLE  # (close() publishes what is left at the normal priority)
     [name] = names(tmp_path)
     row_group = pq.read_metadata(tmp_path / name).row_group(0)
     with_statistics = {row_group.column(i).path_in_schema for i in range(row_group.num_columns)
@@ -464,23 +491,23 @@ def test_the_writer_stays_out_of_the_loops_way(tmp_path, monkeypatch):
 
 
 def test_a_failing_write_is_counted_not_raised(tmp_path, monkeypatch, caplog):
-    write_table = pq.ParquetWriter.write_table
+    write_table = JOURNAL_WRITER.write_table
 
-    def disk_full(self, table, row_group_size=None):
+    def disk_full(self, table, max_chunksize=None):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     async def scenario():
         log = AccessLog(tmp_path, flush_seconds=3600)
         await log.start()
         log.record(rec(0))
-        await log.flush()  # a good row group in the first file, which the failure abandons
-        monkeypatch.setattr(pq.ParquetWriter, "write_table", disk_full)
+        await log.flush()  # a good batch in the first journal, which the failure closes early
+        monkeypatch.setattr(JOURNAL_WRITER, "write_table", disk_full)
         for i in range(1, 4):
             log.record(rec(i))
         await log.flush()
         assert (log.written, log.dropped, log.write_errors) == (1, 3, 1)
         assert not log._task.done()  # the periodic flush lives on
-        monkeypatch.setattr(pq.ParquetWriter, "write_table", write_table)
+        monkeypatch.setattr(JOURNAL_WRITER, "write_table", write_table)
         for i in range(4, 6):
             log.record(rec(i))
         await log.close()
@@ -488,23 +515,11 @@ def test_a_failing_write_is_counted_not_raised(tmp_path, monkeypatch, caplog):
 
     with caplog.at_level(logging.WARNING, logger="sprox.accesslog"):
         asyncio.run(scenario())
-    assert not {f for f in open_files() if f.startswith(str(tmp_path))}  # abandoned file closed too
-    assert "No space left on device" in caplog.text
+    assert not {f for f in open_files() if f.startswith(str(tmp_path))}  # the closed journal too
+    assert "No space left on device" in caplog.text and "early after a write error" in caplog.text
+    # What the first journal held before the failure was published all the same.
     files = names(tmp_path)
-    abandoned = [n for n in files if n.endswith(".inprogress")]
-    assert len(abandoned) == 1 and abandoned[0] in caplog.text
-    # The abandoned file's journal keeps the row written before the failure: readable
-    # now, and published as Parquet by the next start.
-    assert abandoned[0].removesuffix(".parquet.inprogress") + ".journal" in files
-    assert read_back(tmp_path) == [as_row(rec(i)) for i in (0, 4, 5)]
-
-    async def restart():
-        log = AccessLog(tmp_path)
-        await log.start()
-        await log.close()
-
-    asyncio.run(restart())
-    assert not [n for n in names(tmp_path) if not n.endswith(".parquet")]
+    assert len(files) == 2 and all(FILE_NAME.fullmatch(n) for n in files)
     assert read_back(tmp_path) == [as_row(rec(i)) for i in (0, 4, 5)]
 
 
@@ -550,15 +565,15 @@ def test_a_record_that_does_not_fit_the_schema_is_dropped_alone(tmp_path, caplog
 
 
 def test_the_buffer_is_bounded_and_drops_the_oldest(tmp_path, monkeypatch, caplog):
-    write_table = pq.ParquetWriter.write_table
+    write_table = JOURNAL_WRITER.write_table
     entered, release = threading.Event(), threading.Event()
 
-    def slow_disk(self, table, row_group_size=None):
+    def slow_disk(self, table, max_chunksize=None):
         entered.set()
         assert release.wait(10)
-        return write_table(self, table, row_group_size)
+        return write_table(self, table, max_chunksize)
 
-    monkeypatch.setattr(pq.ParquetWriter, "write_table", slow_disk)
+    monkeypatch.setattr(JOURNAL_WRITER, "write_table", slow_disk)
 
     async def scenario():
         log = AccessLog(tmp_path, flush_rows=2, flush_seconds=3600)
@@ -598,15 +613,15 @@ def test_drop_warnings_are_rate_limited(tmp_path, caplog):
 
 
 def test_cancelling_a_flush_neither_loses_nor_miscounts_its_rows(tmp_path, monkeypatch):
-    write_table = pq.ParquetWriter.write_table
+    write_table = JOURNAL_WRITER.write_table
     entered, release = threading.Event(), threading.Event()
 
-    def slow_disk(self, table, row_group_size=None):
+    def slow_disk(self, table, max_chunksize=None):
         entered.set()
         assert release.wait(10)
-        return write_table(self, table, row_group_size)
+        return write_table(self, table, max_chunksize)
 
-    monkeypatch.setattr(pq.ParquetWriter, "write_table", slow_disk)
+    monkeypatch.setattr(JOURNAL_WRITER, "write_table", slow_disk)
 
     async def scenario():
         log = AccessLog(tmp_path, flush_seconds=3600)
@@ -654,3 +669,30 @@ def test_version_1_files_read_with_the_new_columns_null(tmp_path: Path):
     pq.write_table(pa.Table.from_pylist([row], schema=v1), tmp_path / "access-20260101T000000Z-1-000001.parquet")
     (got,) = read_back(tmp_path)
     assert got["bytes_sent"] == 5 and got["first_byte"] is None and got["object_size"] is None
+
+
+def test_a_failed_publication_keeps_the_journal_readable_until_the_next_start(tmp_path, monkeypatch, caplog):
+    write_parquet = accesslog._write_parquet
+
+    def disk_full(table, path):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    async def run(records):
+        log = AccessLog(tmp_path, flush_seconds=3600)
+        await log.start()
+        for r in records:
+            log.record(r)
+        await log.close()
+        return log
+
+    monkeypatch.setattr(accesslog, "_write_parquet", disk_full)
+    with caplog.at_level(logging.ERROR, logger="sprox.accesslog"):
+        log = asyncio.run(run([rec(i) for i in range(3)]))
+    assert log.publish_errors == 1 and "published at the next start" in caplog.text
+    assert [n for n in names(tmp_path) if n.endswith(".journal")]
+    assert read_back(tmp_path) == [as_row(rec(i)) for i in range(3)]  # read from the journal
+    monkeypatch.setattr(accesslog, "_write_parquet", write_parquet)
+    asyncio.run(run([rec(3)]))
+    files = names(tmp_path)
+    assert len(files) == 2 and all(FILE_NAME.fullmatch(n) for n in files)
+    assert read_back(tmp_path) == [as_row(rec(i)) for i in range(4)]
