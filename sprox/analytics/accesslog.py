@@ -61,7 +61,8 @@ cost cache hits about 0.2 ms of p99 on a core shared with the loop (measured). S
 - a process killed with SIGKILL loses only what it had not flushed yet (at most
   `flush_seconds` of records): the next `start()` in the directory publishes each journal
   whose writer is gone (the writer, then the publisher, hold an exclusive `flock` on it
-  until it is published, however the process ends). A journal whose Parquet file was
+  until it is published, however the process ends; a journal is created as
+  `<name>.journal.new` and gets its name only once locked). A journal whose Parquet file was
   published already (a crash between the rename and the unlink) is just deleted; a
   publication that fails (disk full) leaves the journal, read as it is, for the next start.
 
@@ -137,6 +138,7 @@ SCHEMA = pa.schema(
 
 INPROGRESS = ".inprogress"
 JOURNAL = ".journal"
+NEW = ".new"  # a journal being created, before it is locked and named (see _create_journal)
 JOURNAL_OPTIONS = pa.ipc.IpcWriteOptions(compression="lz4")
 JOURNAL_SYNC_SECONDS = 1.0
 # Rows per row group of a published file: a report's --since/--until skips row groups
@@ -444,15 +446,22 @@ def read_access_log(directory: str | os.PathLike[str]) -> pa.Table:
     `SCHEMA`: the Parquet files, and the journals of files not closed yet (their complete
     batches). `.inprogress` files are skipped. Blocking: not for the event loop thread."""
     directory = Path(directory)
+    # Journals first: one published after this listing is in the next (its Parquet file
+    # is renamed into place before the journal is deleted).
+    journals = list(directory.glob("access-*" + JOURNAL))
     parquet = {path.name: path for path in directory.glob("access-*.parquet")}
     sources = [(path.name, path) for path in parquet.values()]
-    for journal in directory.glob("access-*" + JOURNAL):
-        if _published_name(journal) not in parquet:
-            sources.append((_published_name(journal), journal))
+    sources += [(_published_name(j), j) for j in journals if _published_name(j) not in parquet]
     tables = []
     for _, path in sorted(sources):
         if path.suffix == JOURNAL:
-            table = read_journal(path)
+            try:
+                table = read_journal(path, missing_ok=False)
+            except FileNotFoundError:  # published since it was listed
+                published = path.with_name(_published_name(path))
+                if not published.exists():
+                    continue  # (it had no complete batch)
+                table = pq.read_table(published, schema=SCHEMA)
             if table.num_rows:
                 tables.append(table)
         else:
@@ -460,9 +469,10 @@ def read_access_log(directory: str | os.PathLike[str]) -> pa.Table:
     return pa.concat_tables(tables) if tables else SCHEMA.empty_table()
 
 
-def read_journal(path: Path) -> pa.Table:
+def read_journal(path: Path, *, missing_ok: bool = True) -> pa.Table:
     """The complete batches of a journal, as a table with `SCHEMA` (a batch cut short by
-    a crash, or still being written, ends it). Empty if the file is gone or unreadable."""
+    a crash, or still being written, ends it). Empty if the file is unreadable, or gone
+    (FileNotFoundError then, unless `missing_ok`)."""
     batches = []
     try:
         with pa.OSFile(str(path), "r") as source:
@@ -475,7 +485,11 @@ def read_journal(path: Path) -> pa.Table:
                 except (pa.ArrowInvalid, OSError):
                     break  # torn or being written: what came before is whole
             schema = reader.schema
-    except (pa.ArrowInvalid, OSError):  # gone (published meanwhile), or not even a schema yet
+    except FileNotFoundError:
+        if not missing_ok:
+            raise
+        return SCHEMA.empty_table()
+    except (pa.ArrowInvalid, OSError):  # not even a schema yet
         return SCHEMA.empty_table()
     return _conform(pa.Table.from_batches(batches, schema=schema))
 
@@ -548,6 +562,14 @@ class _LogFiles:
         Parquet file each). Returns the `.inprogress` files that stay (unreadable) and
         the Parquet files recovered, with their row counts."""
         self.directory.mkdir(parents=True, exist_ok=True)
+        for new in self.directory.glob("access-*" + JOURNAL + NEW):  # creations cut short: no records
+            with suppress(OSError):
+                fd = os.open(new, os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # (else: being created right now)
+                    new.unlink()
+                finally:
+                    os.close(fd)
         recovered = {}
         for journal in sorted(self.directory.glob("access-*" + JOURNAL)):
             try:
@@ -615,14 +637,10 @@ class _LogFiles:
                     (self.directory / (name + ".parquet" + INPROGRESS)).exists():
                 continue  # same pid, same second: a process before a restart
             try:
-                # pyarrow writes to its own file object without the GIL; through a Python
-                # file object every page write took the GIL back, and the event loop, on a
-                # shared core, waited for it (up to 1.5 ms, measured).
-                fd, sink, writer = _create(path, lambda sink: pa.ipc.new_stream(sink, SCHEMA, options=JOURNAL_OPTIONS))
+                fd, sink, writer = _create_journal(path)
             except FileExistsError:
                 continue  # (never another writer's file)
             break
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a new file: free; held until published
         self._path, self._fd, self._file, self._writer, self._opened_at = path, fd, sink, writer, time.monotonic()
 
     def _hand_over(self) -> None:
@@ -676,22 +694,39 @@ def publish_journal(journal: Path, fd: int) -> int:
         os.close(fd)
 
 
-def _create(path: Path, make_writer: Callable[[pa.NativeFile], Any]) -> tuple[int, pa.NativeFile, Any]:
-    """A new file at `path` (FileExistsError if there is one: never another writer's):
-    its descriptor (kept for the fsync, or the lock), a pyarrow file on it and
-    `make_writer(that file)`. Nothing is left behind when a step fails."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+def _create_journal(path: Path) -> tuple[int, pa.NativeFile, Any]:
+    """A new journal at `path` (FileExistsError if there is one: never another writer's):
+    its descriptor, holding the journal's lock (and kept for the fsync), a pyarrow file on
+    it and the stream writer. It is made as `<path>.new`, which no one else reads or
+    recovers, and renamed to `path` only once locked: a journal is never seen unlocked
+    while its writer lives (another process's start() would publish and delete it).
+    Nothing is left behind when a step fails."""
+    if path.exists():
+        raise FileExistsError(path)
+    new = path.with_name(path.name + NEW)
+    fd = os.open(new, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
     try:
-        sink = pa.OSFile(str(path), "w")
         try:
-            return fd, sink, make_writer(sink)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held until published
+        except BlockingIOError:  # another start() took it for a leftover, in that instant
+            raise FileExistsError(new) from None
+        # pyarrow writes to its own file object without the GIL; through a Python file
+        # object every page write took the GIL back, and the event loop, on a shared
+        # core, waited for it (up to 1.5 ms, measured).
+        sink = pa.OSFile(str(new), "w")
+        try:
+            writer = pa.ipc.new_stream(sink, SCHEMA, options=JOURNAL_OPTIONS)
+            os.link(new, path)  # (not rename: link fails, rather than replaces, if `path` appeared)
+            with suppress(OSError):
+                new.unlink()
+            return fd, sink, writer
         except BaseException:
             sink.close()
             raise
     except BaseException:
         os.close(fd)
         with suppress(OSError):
-            path.unlink()
+            new.unlink()
         raise
 
 

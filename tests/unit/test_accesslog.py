@@ -450,20 +450,19 @@ def test_the_writer_stays_out_of_the_loops_way(tmp_path, monkeypatch):
     for `time` only, and are still read whole."""
     seen: dict[str, object] = {}
     init = pq.ParquetWriter.__init__
-    create = accesslog._create
+    create = accesslog._create_journal
 
     def spied_init(self, where, *args, **kwargs):
         seen.setdefault("policy", os.sched_getscheduler(0))
         init(self, where, *args, **kwargs)
 
-    def spied_create(path, make_writer):
-        fd, sink, writer = create(path, make_writer)
-        if path.suffix == ".journal":
-            seen["sink"] = sink
-            seen["nice"] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    def spied_create(path):
+        fd, sink, writer = create(path)
+        seen["sink"] = sink
+        seen["nice"] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
         return fd, sink, writer
     monkeypatch.setattr(pq.ParquetWriter, "__init__", spied_init)
-    monkeypatch.setattr(accesslog, "_create", spied_create)
+    monkeypatch.setattr(accesslog, "_create_journal", spied_create)
 
     async def scenario():
         log = AccessLog(tmp_path, flush_seconds=3600, rotate_bytes=1)
@@ -696,3 +695,83 @@ def test_a_failed_publication_keeps_the_journal_readable_until_the_next_start(tm
     files = names(tmp_path)
     assert len(files) == 2 and all(FILE_NAME.fullmatch(n) for n in files)
     assert read_back(tmp_path) == [as_row(rec(i)) for i in range(4)]
+
+
+def test_a_journal_is_locked_before_it_has_its_name(tmp_path, monkeypatch):
+    """Another process's start() publishes and deletes every unlocked journal: the
+    writer's journal must never be one, not even in the instant after its creation."""
+    seen = []
+    real_link = os.link
+
+    def link(src, dst, *args, **kwargs):  # the instant the journal gets its name (writer thread)
+        fd = os.open(src, os.O_RDONLY)
+        try:
+            with pytest.raises(BlockingIOError):
+                accesslog.fcntl.flock(fd, accesslog.fcntl.LOCK_EX | accesslog.fcntl.LOCK_NB)
+            seen.append(Path(dst).name)
+        finally:
+            os.close(fd)
+        return real_link(src, dst, *args, **kwargs)
+
+    def journals() -> list[str]:
+        return [n for n in names(tmp_path) if n.endswith(".journal")]
+
+    async def scenario():
+        log = AccessLog(tmp_path, flush_seconds=3600)
+        await log.start()
+        log.record(rec(0))
+        await log.flush()
+        # A second process starting in the same directory leaves the live journal alone.
+        other = AccessLog(tmp_path, flush_seconds=3600)
+        await other.start()
+        await other.close()
+        assert await asyncio.to_thread(journals) == seen
+        log.record(rec(1))
+        await log.close()
+
+    monkeypatch.setattr(accesslog.os, "link", link)
+    asyncio.run(scenario())
+    assert len(seen) == 1 and seen[0].endswith(".journal")
+    assert read_back(tmp_path) == [as_row(rec(0)), as_row(rec(1))]
+    assert not [n for n in names(tmp_path) if not n.endswith(".parquet")]
+
+
+def test_a_journal_creation_cut_short_is_removed_at_the_next_start_unless_in_progress(tmp_path):
+    dead = tmp_path / "access-20260101T000000Z-1-000000.journal.new"
+    live = tmp_path / "access-20260101T000000Z-2-000000.journal.new"
+    dead.write_bytes(b"")
+    live.write_bytes(b"")
+    fd = os.open(live, os.O_RDONLY)
+    try:
+        accesslog.fcntl.flock(fd, accesslog.fcntl.LOCK_EX)  # its creator is at work
+
+        async def scenario():
+            log = AccessLog(tmp_path)
+            await log.start()
+            await log.close()
+
+        asyncio.run(scenario())
+        assert names(tmp_path) == [live.name]
+        assert read_access_log(tmp_path).num_rows == 0  # never read as a journal
+    finally:
+        os.close(fd)
+
+
+def test_a_journal_published_while_the_log_is_read_is_read_from_its_parquet_file(tmp_path, monkeypatch):
+    journal = tmp_path / "access-20260101T000000Z-1-000000.journal"
+    fd, sink, writer = accesslog._create_journal(journal)
+    writer.write_table(accesslog._table([rec(i) for i in range(3)]))
+    writer.close()
+    sink.close()
+    real_glob = Path.glob
+
+    def glob(self, pattern):  # the publisher runs right after the reader listed the journals
+        found = list(real_glob(self, pattern))
+        if pattern.endswith(".journal") and journal.exists():
+            accesslog.publish_journal(journal, fd)
+        return iter(found)
+
+    monkeypatch.setattr(Path, "glob", glob)
+    assert read_back(tmp_path) == [as_row(rec(i)) for i in range(3)]
+    monkeypatch.setattr(Path, "glob", real_glob)
+    assert names(tmp_path) == ["access-20260101T000000Z-1-000000.parquet"]
