@@ -342,7 +342,10 @@ class FrontEnd:
             return
         changed = written_keys(request, keys)
         if changed is None or changed:
-            await self.peers.invalidate(request.bucket, changed)
+            try:
+                await self.peers.invalidate(request.bucket, changed)
+            except Exception:  # noqa: BLE001 - S3 took the write: its answer must reach the client
+                log.exception("telling the peers about a write to %s failed", request.bucket)
 
     # -- sending -------------------------------------------------------------------------------
 

@@ -47,6 +47,9 @@ PEER_TIMEOUT_SECONDS = 2.0  # the longest a write waits for its peers
 RETRY_DELAYS = (1.0, 2.0, 4.0, 8.0, 16.0, 30.0)  # then the invalidation is given up (and counted)
 RESOLVE_SECONDS = 5.0
 MAX_KEYS = 1000  # a DeleteObjects names at most 1000 keys; a call carries at most that
+MAX_BODY_BYTES = 512 * 1024  # a call's body at most (the receiving server takes 1 MiB)
+PER_PEER_CONNECTIONS = 8
+MAX_PENDING = 10_000  # invalidations waiting in the background for their peer, at most
 
 
 @dataclass(frozen=True)
@@ -71,7 +74,10 @@ def parse_peers(text: str) -> tuple[PeerAddress, ...]:
         if bare.startswith("https://") or "/" in bare or "@" in bare:
             raise ValueError(f"{entry!r} is not host:port (peers are reached over http on their admin routes)")
         host, sep, port = bare.rpartition(":")
-        host = host.strip("[]")
+        if host.startswith("[") and host.endswith("]"):
+            host = host[1:-1]  # [IPv6]:port
+        elif ":" in host or "[" in host or "]" in host:
+            raise ValueError(f"{entry!r} is not host:port (an IPv6 address goes in brackets: [2001:db8::1]:9000)")
         if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
             raise ValueError(f"{entry!r} is not host:port")
         peers.append(PeerAddress(host, int(port)))
@@ -83,14 +89,20 @@ def parse_peers(text: str) -> tuple[PeerAddress, ...]:
 class PeerStats:
     def __init__(self) -> None:
         self.ok = 0  # calls a peer answered
-        self.failed = 0  # calls that failed (each attempt)
+        self.failed = 0  # calls that failed (each attempt), names that did not resolve included
         self.given_up = 0  # invalidations a peer never took, after every retry
         self.retrying = 0  # invalidations waiting for their next attempt
 
 
 class Peers:
     """Sends invalidations to the peers in `spec`. `signer(method, url, body)` gives a
-    call's signature headers ({} without keys)."""
+    call's signature headers ({} without keys).
+
+    A write waits for its peers at most `timeout`, and waits only for peers that took
+    their last call: a peer that failed (down, hung, unreachable) gets later
+    invalidations in the background, by the retry schedule, until it answers again.
+    So a hung peer costs one write `timeout`, not every write, and holds at most
+    PER_PEER_CONNECTIONS connections: the healthy peers are never queued behind it."""
 
     def __init__(self, spec: Sequence[PeerAddress], signer, *, timeout: float = PEER_TIMEOUT_SECONDS,
                  retry_delays: Sequence[float] = RETRY_DELAYS) -> None:
@@ -101,98 +113,193 @@ class Peers:
         self.node_id = os.urandom(8).hex()
         self.stats = PeerStats()
         self._session: aiohttp.ClientSession | None = None
-        self._resolved: tuple[PeerAddress, ...] = ()
+        # name -> its addresses when it last resolved (kept when a resolution fails)
+        self._known: dict[PeerAddress, tuple[PeerAddress, ...]] = {}
         self._resolved_at = -RESOLVE_SECONDS
+        self._resolving: asyncio.Task | None = None
         self._self_addresses: set[PeerAddress] = set()
-        self._retries: set[asyncio.Task] = set()
+        self._failing: set[PeerAddress] = set()  # peers whose last call failed
+        self._pending: dict[tuple[PeerAddress, bytes], asyncio.Task] = {}  # background deliveries
 
     async def start(self) -> None:
-        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout),
-                                              connector=aiohttp.TCPConnector(limit=64, ttl_dns_cache=None))
+        self._session = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=self.timeout),
+            connector=aiohttp.TCPConnector(limit=0, limit_per_host=PER_PEER_CONNECTIONS, ttl_dns_cache=None))
 
     async def close(self) -> None:
-        for task in list(self._retries):
+        tasks = list(self._pending.values())
+        if self._resolving is not None:
+            tasks.append(self._resolving)
+        for task in tasks:
             task.cancel()
-        if self._retries:
-            await asyncio.gather(*self._retries, return_exceptions=True)
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        if self._pending:
+            log.warning("%d invalidations were still waiting for their peer at shutdown", len(self._pending))
         if self._session is not None:
             await self._session.close()
             self._session = None
 
     async def invalidate(self, bucket: str, keys: Iterable[str] | None) -> None:
         """Tell every peer that `keys` of `bucket` (None: any key of it) changed; returns
-        once each answered or PEER_TIMEOUT_SECONDS passed."""
-        key_list = None if keys is None else list(keys)
-        bodies = [_body(bucket, None, self.node_id)] if key_list is None else \
-            [_body(bucket, key_list[i:i + MAX_KEYS], self.node_id) for i in range(0, max(len(key_list), 1), MAX_KEYS)]
-        addresses = [a for a in await self._addresses() if a not in self._self_addresses]
-        if not addresses:
-            return
-        calls = [(address, body) for address in addresses for body in bodies]
-        results = await asyncio.gather(*(self._call(address, body) for address, body in calls))
-        for (address, body), ok in zip(calls, results):
-            if not ok:
-                task = asyncio.get_running_loop().create_task(self._retry(address, body))
-                self._retries.add(task)
-                task.add_done_callback(self._retries.discard)
+        once each answered or `timeout` passed. Never raises: a peer's failure must not
+        fail the write, which S3 has already done."""
+        bodies = _bodies(bucket, None if keys is None else list(keys), self.node_id)
+        unresolved, addresses = await self._addresses()
+        for peer in unresolved:  # a name that never resolved: resolve it again later
+            for body in bodies:
+                self._later(peer, body, resolve=True)
+        await self._deliver(addresses, bodies)
 
-    async def _addresses(self) -> tuple[PeerAddress, ...]:
-        now = time.monotonic()
-        if now - self._resolved_at < RESOLVE_SECONDS:
-            return self._resolved
-        loop = asyncio.get_running_loop()
-        found: list[PeerAddress] = []
-        for peer in self.spec:
-            try:
-                infos = await loop.getaddrinfo(peer.host, peer.port, type=socket.SOCK_STREAM)
-            except OSError as exc:
-                log.warning("peer %s does not resolve: %s", peer.authority, exc)
+    async def _deliver(self, addresses: Iterable[PeerAddress], bodies: Sequence[bytes]) -> None:
+        waited = []
+        for address in addresses:
+            if address in self._self_addresses:
                 continue
-            # Each node once: in a dual-stack cluster a name gives a node's IPv4 and IPv6
-            # address, and nodes listen on one (0.0.0.0 by default): IPv4 when there is one.
-            ipv4 = [info[4][0] for info in infos if info[0] == socket.AF_INET]
-            for host in ipv4 or [info[4][0] for info in infos]:
-                address = PeerAddress(host, peer.port)
-                if address not in found:
-                    found.append(address)
-        self._resolved, self._resolved_at = tuple(found), now
-        return self._resolved
+            for body in bodies:
+                if address in self._failing:
+                    self._later(address, body, now=True)
+                else:
+                    waited.append((address, body))
+        results = await asyncio.gather(*(self._call(address, body) for address, body in waited))
+        for (address, body), ok in zip(waited, results):
+            if not ok:
+                self._later(address, body)
+
+    def _later(self, address: PeerAddress, body: bytes, *, resolve: bool = False, now: bool = False) -> None:
+        """Deliver in the background, by the retry schedule; the same invalidation to the
+        same peer is pending once, and at most MAX_PENDING are."""
+        if (address, body) in self._pending:
+            return
+        if len(self._pending) >= MAX_PENDING:
+            self.stats.given_up += 1
+            log.error("peer %s: %d invalidations already wait for their peers; this one is given up (%s)",
+                      address.authority, MAX_PENDING, body[:200].decode(errors="replace"))
+            return
+        delays = ((0.0,) if now else ()) + self.retry_delays
+        task = asyncio.get_running_loop().create_task(self._retry(address, body, delays, resolve))
+        self._pending[(address, body)] = task
+        self.stats.retrying += 1
+        task.add_done_callback(lambda _t, k=(address, body): self._done(k))
+
+    def _done(self, pending: tuple[PeerAddress, bytes]) -> None:
+        self._pending.pop(pending, None)
+        self.stats.retrying -= 1
+
+    async def _retry(self, address: PeerAddress, body: bytes, delays: Sequence[float], resolve: bool) -> None:
+        for delay in delays:
+            await asyncio.sleep(delay)
+            if resolve:
+                found = await self._resolve(address)
+                if found is None:
+                    self.stats.failed += 1
+                    continue
+                # Each of the name's addresses gets the call (and, failing, its own retries).
+                self._known[address] = found
+                await self._deliver(found, [body])
+                return
+            if await self._call(address, body):
+                return
+        self.stats.given_up += 1
+        log.error("peer %s never took an invalidation (%s); its cache may serve the old object until its --ttl",
+                  address.authority, body[:200].decode(errors="replace"))
+
+    async def _addresses(self) -> tuple[list[PeerAddress], list[PeerAddress]]:
+        """(names that never resolved, every address known). Names are resolved again at
+        most every RESOLVE_SECONDS, by one task at a time, each within `timeout`; a name
+        that fails to resolve keeps the addresses it had."""
+        if time.monotonic() - self._resolved_at >= RESOLVE_SECONDS:
+            if self._resolving is None or self._resolving.done():
+                self._resolving = asyncio.get_running_loop().create_task(self._resolve_all())
+            try:  # (each name is given half the time; a write waits for resolving and then its calls)
+                await asyncio.wait_for(asyncio.shield(self._resolving), self.timeout / 2 + 0.05)
+            except asyncio.TimeoutError:
+                pass  # still resolving: this write uses what is known
+            except Exception as exc:  # noqa: BLE001 - never fail the write
+                log.warning("resolving peers failed: %s", exc)
+        unresolved, found = [], []
+        for peer in self.spec:
+            known = self._known.get(peer)
+            if known is None:
+                unresolved.append(peer)
+                continue
+            found.extend(a for a in known if a not in found)
+        return unresolved, found
+
+    async def _resolve_all(self) -> None:
+        async def resolve(peer: PeerAddress) -> None:
+            found = await self._resolve(peer)
+            if found is not None:
+                self._known[peer] = found  # at once: a slow name does not hold back the others
+
+        await asyncio.gather(*(resolve(peer) for peer in self.spec))
+        self._resolved_at = time.monotonic()
+
+    async def _resolve(self, peer: PeerAddress) -> tuple[PeerAddress, ...] | None:
+        """The addresses `peer` names now, or None when it does not resolve in time."""
+        loop = asyncio.get_running_loop()
+        try:
+            infos = await asyncio.wait_for(loop.getaddrinfo(peer.host, peer.port, type=socket.SOCK_STREAM),
+                                           self.timeout / 2)
+        except (OSError, asyncio.TimeoutError) as exc:
+            log.warning("peer %s does not resolve: %s", peer.authority, exc or "timed out")
+            return None
+        # Each node once: in a dual-stack cluster a name gives a node's IPv4 and IPv6
+        # address, and nodes listen on one (0.0.0.0 by default): IPv4 when there is one.
+        ipv4 = [info[4][0] for info in infos if info[0] == socket.AF_INET]
+        found: list[PeerAddress] = []
+        for host in ipv4 or [info[4][0] for info in infos]:
+            address = PeerAddress(host, peer.port)
+            if address not in found:
+                found.append(address)
+        return tuple(found)
 
     async def _call(self, address: PeerAddress, body: bytes) -> bool:
         assert self._session is not None, "Peers.start() first"
         url = f"http://{address.authority}{INVALIDATE_PATH}"
-        headers = {"Content-Type": "application/json", NODE_HEADER: self.node_id,
-                   **self.signer("POST", url, body)}
         try:
+            headers = {"Content-Type": "application/json", NODE_HEADER: self.node_id,
+                       **self.signer("POST", url, body)}
             async with self._session.post(url, data=body, headers=headers) as response:
                 answer = await response.read()
                 if response.status != 200:
                     raise OSError(f"HTTP {response.status}: {answer[:200].decode(errors='replace')}")
-                if json.loads(answer).get("self"):
+                data = json.loads(answer)
+                if not isinstance(data, dict):
+                    raise ValueError(f"not a JSON object: {answer[:200].decode(errors='replace')}")
+                if data.get("self") is True:
                     self._self_addresses.add(address)  # this node: never called again
-        except (OSError, asyncio.TimeoutError, aiohttp.ClientError, ValueError) as exc:
+        except Exception as exc:  # noqa: BLE001 - whatever a peer does, the write stands
             self.stats.failed += 1
+            self._failing.add(address)
             log.warning("peer %s did not take an invalidation: %s", address.authority, exc or type(exc).__name__)
             return False
         self.stats.ok += 1
+        self._failing.discard(address)
         return True
-
-    async def _retry(self, address: PeerAddress, body: bytes) -> None:
-        self.stats.retrying += 1
-        try:
-            for delay in self.retry_delays:
-                await asyncio.sleep(delay)
-                if await self._call(address, body):
-                    return
-            self.stats.given_up += 1
-            log.error("peer %s never took an invalidation (%s); its cache may serve the old object until its --ttl",
-                      address.authority, body[:200].decode(errors="replace"))
-        finally:
-            self.stats.retrying -= 1
 
 
 def _body(bucket: str, keys: list[str] | None, node_id: str) -> bytes:
-    return json.dumps({"bucket": bucket, "keys": keys, "node": node_id}).encode()
+    return json.dumps({"bucket": bucket, "keys": keys, "node": node_id}, ensure_ascii=False).encode()
+
+
+def _bodies(bucket: str, keys: list[str] | None, node_id: str) -> list[bytes]:
+    """The calls' bodies for an invalidation: each names at most MAX_KEYS keys and
+    stays under MAX_BODY_BYTES (1000 keys of up to 1 KiB each would not)."""
+    if keys is None:
+        return [_body(bucket, None, node_id)]
+    if not keys:
+        return [_body(bucket, [], node_id)]
+    bodies, chunk, size = [], [], len(_body(bucket, [], node_id))
+    for key in keys:
+        key_size = len(json.dumps(key, ensure_ascii=False).encode()) + 2  # quotes escaped, ", "
+        if chunk and (len(chunk) == MAX_KEYS or size + key_size > MAX_BODY_BYTES):
+            bodies.append(_body(bucket, chunk, node_id))
+            chunk, size = [], len(_body(bucket, [], node_id))
+        chunk.append(key)
+        size += key_size
+    bodies.append(_body(bucket, chunk, node_id))
+    return bodies
 
 
 def parse_invalidation(body: bytes) -> tuple[str, list[str] | None, str]:

@@ -249,7 +249,8 @@ def test_peers_are_host_port_entries_from_flags_env_and_file(tmp_path: Path):
     assert Config(peers="n1:1,n2:2", **keys).peers[1].port == 2  # embedding: a string too
 
 
-@pytest.mark.parametrize("value", ["n1", "n1:port", "n1:0", "n1:70000", "https://n1:9000", "n1:9000/x", ",", ""])
+@pytest.mark.parametrize("value", ["n1", "n1:port", "n1:0", "n1:70000", "https://n1:9000", "n1:9000/x", ",", "",
+                                   "2001:db8::1:9000", "[::1:9000", "::1]:9000"])
 def test_bad_peers_are_named(value: str):
     with pytest.raises(ConfigError, match="--peers"):
         load({"peers": value, "access_key": "a", "secret_key": "s"}, environ={})
