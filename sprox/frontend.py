@@ -125,6 +125,7 @@ class FrontEnd:
                 cached = self.listings.get(request)
                 if cached is not None:
                     return await stream_response(http, cached, request_id, state)
+                listed_since = self.listings.now()
             deleted_keys = await self._read_xml_body(request)
             self._before_write(request, deleted_keys)
             request.stats.upstream_requests += 1
@@ -137,7 +138,7 @@ class FrontEnd:
             self._after_write(request, deleted_keys)
             await self._tell_peers(request, deleted_keys, response.status)
             if request.operation in LISTINGS and self.listings is not None and response.status == 200:
-                response = await self.listings.put(request, response)
+                response = await self.listings.put(request, response, listed_since)
         except errors.S3Error as exc:
             return error_response(exc, request_id, resource=_resource(http), head=http.method == "HEAD")
         except (ConnectionError, aiohttp.ClientConnectionError) as exc:

@@ -2,7 +2,8 @@
 
 OLAP engines list a prefix before every glob query, and each remote LIST is a round
 trip. S3 listings are strongly consistent, so this is off by default; when on, any
-write through Sprox to a bucket drops that bucket's cached listings at once."""
+write through Sprox to a bucket drops that bucket's cached listings at once, and a
+listing that was being fetched meanwhile is sent but not kept."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from multidict import CIMultiDict
 
 from ..s3.request import S3Request
 from ..upstream.base import OriginResponse
+from .invalidations import Invalidations
 
 MAX_BODY = 8 * 1024 * 1024
 MAX_ENTRIES = 4096
@@ -22,7 +24,12 @@ class ListingCache:
     def __init__(self, ttl: float) -> None:
         self.ttl = ttl
         self._entries: OrderedDict[tuple, tuple[float, CIMultiDict, bytes]] = OrderedDict()
+        self._invalidations = Invalidations()
         self.hits = 0
+
+    def now(self) -> int:
+        """The moment before a listing is fetched, for `put`."""
+        return self._invalidations.now()
 
     @staticmethod
     def _key(request: S3Request) -> tuple:
@@ -44,8 +51,9 @@ class ListingCache:
         request.stats.cache = "HIT"
         return OriginResponse(200, CIMultiDict(headers), _once(body))
 
-    async def put(self, request: S3Request, response: OriginResponse) -> OriginResponse:
-        """Keep a 200 listing (read whole: listings are small) and return it to send."""
+    async def put(self, request: S3Request, response: OriginResponse, fetched_since: int) -> OriginResponse:
+        """Keep a 200 listing (read whole: listings are small), unless the bucket was
+        written after `fetched_since` (a `now()`), and return it to send."""
         parts, size = [], 0
         async for chunk in response.iter_body():
             size += len(chunk)
@@ -56,12 +64,15 @@ class ListingCache:
             parts.append(chunk)
         await response.close()
         body = b"".join(parts)
+        if self._invalidations.changed_since(fetched_since, request.bucket):
+            return OriginResponse(response.status, response.headers, _once(body))  # may predate a write
         self._entries[self._key(request)] = (time.monotonic() + self.ttl, CIMultiDict(response.headers), body)
         while len(self._entries) > MAX_ENTRIES:
             self._entries.popitem(last=False)
         return OriginResponse(response.status, response.headers, _once(body))
 
     def drop_bucket(self, bucket: str) -> None:
+        self._invalidations.bucket(bucket)
         for key in [k for k in self._entries if k[0] == bucket]:
             del self._entries[key]
 

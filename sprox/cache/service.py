@@ -51,6 +51,7 @@ from .fill import (
     ObjectChanged,
     upstream_failure,
 )
+from .invalidations import Invalidations
 from .io import ALIGNMENT, IOBackend, make_backend
 from .index import CacheIndex
 from .policy import S3FIFO
@@ -150,7 +151,7 @@ class ObjectCache:
         self._learning: dict[tuple[str, str], asyncio.Future] = {}
         # Bumped on every invalidation of a key, so a fill that started before a write
         # cannot install the old version's record after the write returned.
-        self._generation: dict[tuple[str, str], int] = {}
+        self._invalidations = Invalidations()  # a fill that began before a write does not install
         if prefetch not in PREFETCH_MODES:
             raise ValueError(f"prefetch: {prefetch!r} is not one of {PREFETCH_MODES}")
         self.prefetch = Prefetcher(self) if prefetch == "parquet" else None
@@ -304,7 +305,7 @@ class ObjectCache:
             done.set_result(None)
 
     async def _learn_by_head_once(self, request: S3Request) -> tuple[ObjectRecord | None, CachedAnswer | None]:
-        generation = self._generation.get((request.bucket, request.key), 0)
+        generation = self._invalidations.now()
         request.stats.upstream_requests += 1
         response = await self.origin.send(self._origin_request(request, "HEAD", {}, ask_checksums=True))
         if response.status >= 500 and request.method == "HEAD":
@@ -331,7 +332,7 @@ class ObjectCache:
                 done.set_result(None)
 
     async def _serve_cold_get_once(self, request: S3Request, learned: asyncio.Future) -> CachedAnswer:
-        generation = self._generation.get((request.bucket, request.key), 0)
+        generation = self._invalidations.now()
         bs = self.block_size
         headers: dict[str, str] = {}
         client_range = request.headers.get("Range")
@@ -377,7 +378,7 @@ class ObjectCache:
 
     def _install(self, request: S3Request, status: int, headers, generation: int, *,
                  asked_checksums: bool) -> ObjectRecord | None:
-        if self._generation.get((request.bucket, request.key), 0) != generation:
+        if self._invalidations.changed_since(generation, request.bucket, request.key):
             return None  # a write went through meanwhile: do not cache the old version
         record = ObjectRecord.from_response(self.index.new_id(), request.bucket, request.key, status, headers,
                                             self.block_size, asked_checksums=asked_checksums)
@@ -878,7 +879,7 @@ class ObjectCache:
 
     def invalidate(self, bucket: str, key: str) -> None:
         """Forget a key now (a write through Sprox changed it)."""
-        self._generation[(bucket, key)] = self._generation.get((bucket, key), 0) + 1
+        self._invalidations.key(bucket, key)
         record = self.index.get(bucket, key)
         if record is not None:
             self._drop_record(record)
@@ -892,9 +893,10 @@ class ObjectCache:
         return len(doomed)
 
     def invalidate_bucket(self, bucket: str) -> None:
-        for record in self.index.records():
-            if record.bucket == bucket:
-                self.invalidate(bucket, record.key)
+        """Forget every key of `bucket` now, those being fetched included."""
+        self._invalidations.bucket(bucket)
+        for record in [r for r in self.index.records() if r.bucket == bucket]:
+            self._drop_record(record)
 
     def _count(self, outcome: str) -> None:
         if outcome == "HIT":
