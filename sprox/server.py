@@ -123,7 +123,7 @@ class Sprox:
             self.cache = ObjectCache(self.origin, cache_dir, capacity=self.config.cache_size,
                                      block_size=self.config.block_size, ttl=self.config.ttl,
                                      io_backend=self.config.cache_io, direct_io=self.config.direct_io,
-                                     prefetch=self.config.prefetch)
+                                     prefetch=self.config.prefetch, revalidate_at_start=bool(self.config.peers))
         listings = None
         if self.config.list_ttl > 0:
             from .cache.listings import ListingCache

@@ -126,7 +126,7 @@ class CacheStats:
 class ObjectCache:
     def __init__(self, origin: Origin, directory: Path, *, capacity: int, block_size: int, ttl: float,
                  io_backend: str = "auto", io_threads: int = 16, direct_io: bool = False,
-                 prefetch: str = "parquet") -> None:
+                 prefetch: str = "parquet", revalidate_at_start: bool = False) -> None:
         self.origin = origin
         self.io_choice = io_backend
         # O_DIRECT fills and cold reads (--direct-io): the page cache keeps what clients
@@ -149,9 +149,12 @@ class ObjectCache:
         self._revalidations: dict[tuple[str, str], asyncio.Future] = {}
         # Requests for a key Sprox has no record of wait for the first one to learn it.
         self._learning: dict[tuple[str, str], asyncio.Future] = {}
-        # Bumped on every invalidation of a key, so a fill that started before a write
+        # Marked on every invalidation of a key, so a fill that started before a write
         # cannot install the old version's record after the write returned.
-        self._invalidations = Invalidations()  # a fill that began before a write does not install
+        self._invalidations = Invalidations()
+        # In a tier (--peers), a node that was down missed its peers' invalidations: what
+        # it cached before is revalidated once before it is served again.
+        self.revalidate_at_start = revalidate_at_start
         if prefetch not in PREFETCH_MODES:
             raise ValueError(f"prefetch: {prefetch!r} is not one of {PREFETCH_MODES}")
         self.prefetch = Prefetcher(self) if prefetch == "parquet" else None
@@ -183,6 +186,8 @@ class ObjectCache:
                     self.index.drop(record)
                     self.files.remove(record)
         for record in self.index.records():
+            if self.revalidate_at_start:
+                record.validated_at = 0.0  # (in memory: the index keeps it until revalidated)
             for i in record.present_blocks():
                 self.policy.insert((record.id, i), record.block_bytes(i))
 

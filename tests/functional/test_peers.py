@@ -143,3 +143,27 @@ def test_liveness_and_readiness_answer_unsigned_probes(start_sprox, tmp_path):
         urllib.request.urlopen(f"{proc.endpoint}/_sprox/health", timeout=10)
     info.value.close()
     assert info.value.code == 403
+
+
+def test_a_node_of_a_tier_revalidates_what_it_cached_before_it_restarted(start_sprox, tmp_path):
+    """A node that was down missed its peers' invalidations: after a restart its records
+    are checked with the origin once before they are served again (not trusted for the
+    rest of their --ttl)."""
+    origin = tmp_path / "origin"
+    port, gone_peer = free_ports(2)
+    node_args = ("--port", str(port), "--origin-dir", str(origin), "--cache-dir", str(tmp_path / "cache"),
+                 "--ttl", "3600", "--peers", f"{HOST}:{gone_peer}", *KEYS)
+    node = start_sprox(tmp_path, *node_args)
+    s3 = client(node.endpoint)
+    s3.create_bucket(Bucket="bkt")
+    s3.put_object(Bucket="bkt", Key="k", Body=b"old")
+    for _ in range(2):
+        assert s3.get_object(Bucket="bkt", Key="k")["Body"].read() == b"old"
+    node.stop()
+    # Meanwhile another node of the tier took a write (and could not tell this one).
+    other = start_sprox(tmp_path, "--origin-dir", str(origin), "--cache-dir", str(tmp_path / "cache-other"), *KEYS)
+    client(other.endpoint).put_object(Bucket="bkt", Key="k", Body=b"new")
+    other.stop()
+    node = start_sprox(tmp_path, *node_args)
+    answer = client(node.endpoint).get_object(Bucket="bkt", Key="k")
+    assert answer["Body"].read() == b"new"
