@@ -41,6 +41,7 @@ from sprox._native import _uring_py
 from sprox.cache import io as cache_io
 from sprox.cache.io import (
     ALIGNMENT,
+    BouncePool,
     ThreadBackend,
     UringBackend,
     aligned_buffer,
@@ -837,6 +838,67 @@ def test_backend_direct_io(backend_kind: str, direct_fd: int) -> None:
         for offset, length in [(1, ALIGNMENT), (0, 100)]:
             with pytest.raises(ValueError, match="multiples of 4096"):
                 await io.pwrite(direct_fd, offset, bytes(length))
+        await io.close()
+
+    run(main())
+
+
+def _address(view: memoryview) -> int:
+    return ctypes.addressof(ctypes.c_char.from_buffer(view))
+
+
+def test_bounce_pool_reuses_buffers_within_its_bound() -> None:
+    pool = BouncePool(keep_bytes=8 * ALIGNMENT)
+    payload = data(17, 2 * ALIGNMENT)
+    first = pool.copy(memoryview(payload))
+    assert first.tobytes() == payload and _address(first) % ALIGNMENT == 0
+    pool.give_back(first)
+    assert pool.kept_bytes == 2 * ALIGNMENT
+    again = pool.copy(memoryview(data(18, 2 * ALIGNMENT)))
+    assert _address(again) == _address(first) and again.tobytes() == data(18, 2 * ALIGNMENT)
+    assert pool.kept_bytes == 0
+    # Taken twice at once: two buffers; both kept when given back.
+    other = pool.copy(memoryview(payload))
+    assert _address(other) != _address(again)
+    pool.give_back(again)
+    pool.give_back(other)
+    assert pool.kept_bytes == 4 * ALIGNMENT
+    # Odd sizes give way, least recently returned first; the bound always holds.
+    for pages in (3, 1, 5):
+        pool.give_back(pool.copy(memoryview(bytes(pages * ALIGNMENT))))
+        assert pool.kept_bytes <= 8 * ALIGNMENT
+    assert pool.kept_bytes == 6 * ALIGNMENT  # 5 pages, then 1: the older sizes went
+    pool.give_back(pool.copy(memoryview(bytes(9 * ALIGNMENT))))  # larger than the bound: not kept
+    assert pool.kept_bytes == 6 * ALIGNMENT
+
+
+def test_backend_direct_io_bounce_buffers(backend_kind: str, direct_fd: int) -> None:
+    """Unaligned data is copied into pooled buffers: a buffer goes back to the pool only
+    once its write is complete, so writes issued at once never share one, every byte
+    lands, and a cancelled write's buffer is never reused (the kernel may still be
+    reading it)."""
+    io = make_io(backend_kind, direct_io=True)
+    block = 8 * ALIGNMENT
+    payloads = [data(300 + i, block) for i in range(64)]
+
+    async def main() -> None:
+        await asyncio.gather(*(io.pwrite(direct_fd, i * block, payloads[i]) for i in range(64)))
+        kept = io._bounce.kept_bytes
+        assert 0 < kept <= io._bounce.keep_bytes
+        for rounds in range(3):  # reused buffers, other bytes: each write is exact
+            await asyncio.gather(*(io.pwrite(direct_fd, i * block, payloads[(i + rounds) % 64]) for i in range(64)))
+            assert await io.pread(direct_fd, 0, 64 * block) == b"".join(
+                payloads[(i + rounds) % 64] for i in range(64))
+        # Cancelled while in flight: their buffers are not given back.
+        writes = [asyncio.ensure_future(io.pwrite(direct_fd, i * block, payloads[i])) for i in range(16)]
+        await asyncio.sleep(0)
+        before = io._bounce.kept_bytes
+        for write in writes:
+            write.cancel()
+        outcomes = await asyncio.gather(*writes, return_exceptions=True)
+        finished = sum(o == block for o in outcomes)
+        assert sum(isinstance(o, asyncio.CancelledError) for o in outcomes) > 0
+        assert io._bounce.kept_bytes == before + finished * block  # (far below the bound)
         await io.close()
 
     run(main())
