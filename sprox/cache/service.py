@@ -480,10 +480,13 @@ class ObjectCache:
 
     def _stale(self, request: S3Request, record: ObjectRecord) -> bool:
         """Whether `record` must be revalidated before it answers `request`: older than
-        --ttl, or the client asked for it (Cache-Control: no-cache)."""
+        --ttl, not checked since a restart in a tier, or the client asked for it
+        (Cache-Control: no-cache)."""
         cache_control = request.headers.get("Cache-Control")
         forced = cache_control is not None and "no-cache" in cache_control.lower()
-        return forced or time.time() - record.validated_at > self.ttl
+        # validated_at 0: not checked since this node started in a tier (start()); a
+        # deadline would not do, as --ttl may be infinite.
+        return forced or record.validated_at <= 0.0 or time.time() - record.validated_at > self.ttl
 
     # -- hits without waiting (the fast lane) ----------------------------------------------------
 

@@ -145,14 +145,15 @@ def test_liveness_and_readiness_answer_unsigned_probes(start_sprox, tmp_path):
     assert info.value.code == 403
 
 
-def test_a_node_of_a_tier_revalidates_what_it_cached_before_it_restarted(start_sprox, tmp_path):
+@pytest.mark.parametrize("ttl", ["3600", "inf"])
+def test_a_node_of_a_tier_revalidates_what_it_cached_before_it_restarted(start_sprox, tmp_path, ttl):
     """A node that was down missed its peers' invalidations: after a restart its records
     are checked with the origin once before they are served again (not trusted for the
-    rest of their --ttl)."""
+    rest of their --ttl, even an infinite one)."""
     origin = tmp_path / "origin"
     port, gone_peer = free_ports(2)
     node_args = ("--port", str(port), "--origin-dir", str(origin), "--cache-dir", str(tmp_path / "cache"),
-                 "--ttl", "3600", "--peers", f"{HOST}:{gone_peer}", *KEYS)
+                 "--ttl", ttl, "--peers", f"{HOST}:{gone_peer}", *KEYS)
     node = start_sprox(tmp_path, *node_args)
     s3 = client(node.endpoint)
     s3.create_bucket(Bucket="bkt")
