@@ -16,7 +16,8 @@ longer: it is logged, counted (`sprox_peer_invalidations_total{result="failed"}`
 asked again in the background, RETRY_DELAYS apart, until it answers or the retries
 run out (`result="given_up"`). An invalidation asked for twice is harmless (the next
 read fetches the object again), so a late or repeated one costs a fetch, never a
-wrong byte.
+wrong byte; the same invalidation waits for the same peer once, and one asked for
+while its attempt is already at the peer is sent again after it.
 
 `--peers` entries are host:port; a name that resolves to several addresses (a
 Kubernetes headless Service) means each of them, resolved again at most every
@@ -46,6 +47,7 @@ NODE_HEADER = "X-Sprox-Node"
 PEER_TIMEOUT_SECONDS = 2.0  # the longest a write waits for its peers
 RETRY_DELAYS = (1.0, 2.0, 4.0, 8.0, 16.0, 30.0)  # then the invalidation is given up (and counted)
 RESOLVE_SECONDS = 5.0
+LOOKUP_REUSE_SECONDS = 1.0
 MAX_KEYS = 1000  # a DeleteObjects names at most 1000 keys; a call carries at most that
 MAX_BODY_BYTES = 512 * 1024  # a call's body at most (the receiving server takes 1 MiB)
 PER_PEER_CONNECTIONS = 8
@@ -94,6 +96,16 @@ class PeerStats:
         self.retrying = 0  # invalidations waiting for their next attempt
 
 
+class _Delivery:
+    """An invalidation waiting in the background for one peer."""
+
+    __slots__ = ("task", "again")
+
+    def __init__(self) -> None:
+        self.task: asyncio.Task
+        self.again = False  # asked for again since its current attempt started
+
+
 class Peers:
     """Sends invalidations to the peers in `spec`. `signer(method, url, body)` gives a
     call's signature headers ({} without keys).
@@ -119,7 +131,11 @@ class Peers:
         self._resolving: asyncio.Task | None = None
         self._self_addresses: set[PeerAddress] = set()
         self._failing: set[PeerAddress] = set()  # peers whose last call failed
-        self._pending: dict[tuple[PeerAddress, bytes], asyncio.Task] = {}  # background deliveries
+        self._pending: dict[tuple[PeerAddress, bytes], _Delivery] = {}  # background deliveries
+        # name -> its lookup under way, or (when it ended, its result) for LOOKUP_REUSE_SECONDS:
+        # background deliveries to a name that does not resolve share one lookup.
+        self._lookups: dict[PeerAddress, asyncio.Task] = {}
+        self._looked_up: dict[PeerAddress, tuple[float, tuple[PeerAddress, ...] | None]] = {}
 
     async def start(self) -> None:
         self._session = aiohttp.ClientSession(
@@ -127,15 +143,16 @@ class Peers:
             connector=aiohttp.TCPConnector(limit=0, limit_per_host=PER_PEER_CONNECTIONS, ttl_dns_cache=None))
 
     async def close(self) -> None:
-        tasks = list(self._pending.values())
+        waiting = len(self._pending)  # (counted first: cancelled, they leave _pending)
+        tasks = [delivery.task for delivery in self._pending.values()] + list(self._lookups.values())
         if self._resolving is not None:
             tasks.append(self._resolving)
         for task in tasks:
             task.cancel()
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
-        if self._pending:
-            log.warning("%d invalidations were still waiting for their peer at shutdown", len(self._pending))
+        if waiting:
+            log.warning("%d invalidations were still waiting for their peer at shutdown", waiting)
         if self._session is not None:
             await self._session.close()
             self._session = None
@@ -169,7 +186,12 @@ class Peers:
     def _later(self, address: PeerAddress, body: bytes, *, resolve: bool = False, now: bool = False) -> None:
         """Deliver in the background, by the retry schedule; the same invalidation to the
         same peer is pending once, and at most MAX_PENDING are."""
-        if (address, body) in self._pending:
+        pending = self._pending.get((address, body))
+        if pending is not None:
+            # Asked again: an attempt not started yet covers this write too; one already at
+            # the peer may have landed before it (the peer could have cached the old
+            # object again since), so another attempt follows it.
+            pending.again = True
             return
         if len(self._pending) >= MAX_PENDING:
             self.stats.given_up += 1
@@ -177,29 +199,38 @@ class Peers:
                       address.authority, MAX_PENDING, body[:200].decode(errors="replace"))
             return
         delays = ((0.0,) if now else ()) + self.retry_delays
-        task = asyncio.get_running_loop().create_task(self._retry(address, body, delays, resolve))
-        self._pending[(address, body)] = task
+        delivery = _Delivery()
+        delivery.task = asyncio.get_running_loop().create_task(self._retry(address, body, delays, resolve, delivery))
+        self._pending[(address, body)] = delivery
         self.stats.retrying += 1
-        task.add_done_callback(lambda _t, k=(address, body): self._done(k))
+        delivery.task.add_done_callback(lambda _t, k=(address, body): self._done(k))
 
     def _done(self, pending: tuple[PeerAddress, bytes]) -> None:
         self._pending.pop(pending, None)
         self.stats.retrying -= 1
 
-    async def _retry(self, address: PeerAddress, body: bytes, delays: Sequence[float], resolve: bool) -> None:
-        for delay in delays:
-            await asyncio.sleep(delay)
+    async def _retry(self, address: PeerAddress, body: bytes, delays: Sequence[float], resolve: bool,
+                     delivery: _Delivery) -> None:
+        attempt = 0
+        while attempt < len(delays):
+            await asyncio.sleep(delays[attempt])
+            attempt += 1
+            delivery.again = False  # this attempt covers every request made until now
             if resolve:
-                found = await self._resolve(address)
+                found = await self._lookup(address)
                 if found is None:
                     self.stats.failed += 1
                     continue
                 # Each of the name's addresses gets the call (and, failing, its own retries).
                 self._known[address] = found
                 await self._deliver(found, [body])
-                return
-            if await self._call(address, body):
-                return
+                delivered = True
+            else:
+                delivered = await self._call(address, body)
+            if delivered:
+                if not delivery.again:
+                    return
+                attempt, delays = 0, (0.0, *self.retry_delays)  # asked again meanwhile: once more
         self.stats.given_up += 1
         log.error("peer %s never took an invalidation (%s); its cache may serve the old object until its --ttl",
                   address.authority, body[:200].decode(errors="replace"))
@@ -234,6 +265,25 @@ class Peers:
 
         await asyncio.gather(*(resolve(peer) for peer in self.spec))
         self._resolved_at = time.monotonic()
+
+    async def _lookup(self, peer: PeerAddress) -> tuple[PeerAddress, ...] | None:
+        """`_resolve` for background deliveries: one lookup of a name at a time, and its
+        result reused for LOOKUP_REUSE_SECONDS, however many invalidations wait for it."""
+        recent = self._looked_up.get(peer)
+        if recent is not None and time.monotonic() - recent[0] < LOOKUP_REUSE_SECONDS:
+            return recent[1]
+        task = self._lookups.get(peer)
+        if task is None:
+            task = self._lookups[peer] = asyncio.get_running_loop().create_task(self._resolve(peer))
+
+            def finished(done: asyncio.Task, peer: PeerAddress = peer) -> None:
+                self._lookups.pop(peer, None)
+                if not done.cancelled() and done.exception() is None:
+                    self._looked_up[peer] = (time.monotonic(), done.result())
+
+            task.add_done_callback(finished)
+        # Shielded: a waiter cancelled (at shutdown) leaves the lookup to the others.
+        return await asyncio.shield(task)
 
     async def _resolve(self, peer: PeerAddress) -> tuple[PeerAddress, ...] | None:
         """The addresses `peer` names now, or None when it does not resolve in time."""

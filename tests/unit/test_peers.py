@@ -182,3 +182,70 @@ def test_invalidation_bodies_stay_under_the_limit_whatever_the_keys():
     assert [key for body in _bodies("bkt", quoted, "node") for key in parse_invalidation(body)[1]] == quoted
     assert _bodies("bkt", None, "n") == [b'{"bucket": "bkt", "keys": null, "node": "n"}']
     assert [parse_invalidation(b)[1] for b in _bodies("bkt", ["a"] * 2001, "n")] == [["a"] * 1000, ["a"] * 1000, ["a"]]
+
+
+async def _until(condition) -> None:
+    while not condition():  # bounded by run()'s 60 s
+        await asyncio.sleep(0.01)
+
+
+def test_a_write_during_a_retry_at_the_peer_is_delivered_after_it():
+    """The retry of write 1 has reached the peer (which may cache the old object again
+    right after it): write 2 to the same key must reach the peer after that, not be
+    dropped as a duplicate of the retry."""
+    async def scenario():
+        async with Peer(503) as peer:
+            peers = Peers([peer.address], unsigned, timeout=5.0, retry_delays=(0.05,))
+            await peers.start()
+            try:
+                await peers.invalidate("b", ["k"])  # write 1: fails, retried in the background
+                peer.answer = "hang"
+                await _until(lambda: len(peer.calls) == 2)  # the retry is at the peer
+                await peers.invalidate("b", ["k"])  # write 2: the peer is failing, so in the background
+                assert len(peer.calls) == 2
+                peer.release.set()
+                await _until(lambda: not peers._pending)
+                assert len(peer.calls) == 3 and peer.calls[2]["keys"] == ["k"]
+            finally:
+                await peers.close()
+    run(scenario())
+
+
+def test_invalidations_waiting_at_shutdown_are_logged(caplog):
+    async def scenario():
+        async with Peer(503) as peer:
+            peers = Peers([peer.address], unsigned, retry_delays=(3600.0,))
+            await peers.start()
+            await peers.invalidate("b", ["k"])
+            await peers.close()
+    with caplog.at_level("WARNING", logger="sprox.peers"):
+        run(scenario())
+    assert "1 invalidations were still waiting for their peer at shutdown" in caplog.text
+
+
+def test_a_name_that_does_not_resolve_is_looked_up_once_for_all_waiting_writes(monkeypatch):
+    """500 writes while the peers' name does not resolve (a headless Service with no
+    endpoints yet): their background deliveries share lookups, rather than each asking
+    the resolver on each retry (which would tie up the default thread pool)."""
+    lookups = []
+
+    async def scenario():
+        loop = asyncio.get_running_loop()
+
+        async def getaddrinfo(host, *args, **kwargs):
+            lookups.append(host)
+            await asyncio.sleep(0.01)
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+        monkeypatch.setattr(loop, "getaddrinfo", getaddrinfo)
+        peers = Peers([PeerAddress("nodes.example", 9000)], unsigned, retry_delays=(0.01, 0.01))
+        await peers.start()
+        try:
+            for i in range(500):
+                await peers.invalidate("b", [f"k{i}"])
+            await _until(lambda: not peers._pending)
+            assert peers.stats.given_up == 500
+        finally:
+            await peers.close()
+    run(scenario())
+    assert 0 < len(lookups) < 50, len(lookups)
