@@ -705,11 +705,20 @@ def _create_journal(path: Path) -> tuple[int, pa.NativeFile, Any]:
         raise FileExistsError(path)
     new = path.with_name(path.name + NEW)
     fd = os.open(new, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+    ours = True  # `new` names the file `fd` is
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held until published
         except BlockingIOError:  # another start() took it for a leftover, in that instant
             raise FileExistsError(new) from None
+        # Or it took it, removed it and let go between the open and the lock: the lock is
+        # then on a file no one can find, and `new` may name another one by now.
+        try:
+            ours = os.path.samestat(os.fstat(fd), os.stat(new))
+        except FileNotFoundError:
+            ours = False
+        if not ours:
+            raise FileExistsError(new)
         # pyarrow writes to its own file object without the GIL; through a Python file
         # object every page write took the GIL back, and the event loop, on a shared
         # core, waited for it (up to 1.5 ms, measured).
@@ -725,8 +734,9 @@ def _create_journal(path: Path) -> tuple[int, pa.NativeFile, Any]:
             raise
     except BaseException:
         os.close(fd)
-        with suppress(OSError):
-            new.unlink()
+        if ours:
+            with suppress(OSError):
+                new.unlink()
         raise
 
 

@@ -736,6 +736,50 @@ def test_a_journal_is_locked_before_it_has_its_name(tmp_path, monkeypatch):
     assert not [n for n in names(tmp_path) if not n.endswith(".parquet")]
 
 
+def test_a_journal_removed_before_its_writer_locked_it_is_made_again(tmp_path, monkeypatch):
+    """Another process's start() removes the writer's `.journal.new` between its
+    creation and its lock (an unlocked leftover, to that process): the writer must not
+    lock the removed file and take a new one of the same name, unlocked, as its journal
+    (a third start() would publish and delete it, and the records after it be lost)."""
+    real_flock = accesslog.fcntl.flock
+    raced = []
+
+    def flock(fd, operation):
+        name = os.readlink(f"/proc/self/fd/{fd}")
+        if not raced and name.endswith(".journal.new"):
+            raced.append(name)
+            os.unlink(name)  # the other process, in that instant
+        return real_flock(fd, operation)
+
+    def live_journal_is_locked() -> bool:
+        [journal] = [n for n in names(tmp_path) if n.endswith(".journal")]
+        fd = os.open(tmp_path / journal, os.O_RDONLY)
+        try:
+            real_flock(fd, accesslog.fcntl.LOCK_EX | accesslog.fcntl.LOCK_NB)
+            return False
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+
+    async def scenario():
+        log = AccessLog(tmp_path, flush_seconds=3600)
+        await log.start()
+        log.record(rec(0))
+        await log.flush()
+        assert raced and await asyncio.to_thread(live_journal_is_locked)
+        other = AccessLog(tmp_path, flush_seconds=3600)  # a third start leaves it alone
+        await other.start()
+        await other.close()
+        log.record(rec(1))
+        await log.close()
+
+    monkeypatch.setattr(accesslog.fcntl, "flock", flock)
+    asyncio.run(scenario())
+    assert read_back(tmp_path) == [as_row(rec(0)), as_row(rec(1))]
+    assert not [n for n in names(tmp_path) if not n.endswith(".parquet")]
+
+
 def test_a_journal_creation_cut_short_is_removed_at_the_next_start_unless_in_progress(tmp_path):
     dead = tmp_path / "access-20260101T000000Z-1-000000.journal.new"
     live = tmp_path / "access-20260101T000000Z-2-000000.journal.new"
