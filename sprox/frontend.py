@@ -133,6 +133,7 @@ class FrontEnd:
                 response = await self.origin.send(request)
             except errors.S3Error as exc:
                 if exc.status >= 500:  # the write may have been done all the same
+                    self._after_write(request, deleted_keys)
                     await self._tell_peers(request, deleted_keys, exc.status)
                 raise
             self._after_write(request, deleted_keys)

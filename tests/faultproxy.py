@@ -18,6 +18,9 @@ Faults (the `Fault` names):
     STALL_MID_BODY  headers and `after` body bytes, then silence as for STALL
     ERROR_500       500 InternalError, S3's XML body with a RequestId
     ERROR_503       503 SlowDown, likewise
+    LANDED          once the test sets `release` (a threading.Event), the request goes
+                    to the upstream (a write lands), whose answer is dropped: then
+                    `then` (RESET or ERROR_500) as if it were the fault
     TRUNCATE        the true Content-Length, `after` body bytes, then a clean close (FIN)
     LONG_LENGTH     Content-Length `extra` bytes more than the body; the body, then close
     SHORT_LENGTH    Content-Length `short` bytes less than the body; the whole body is
@@ -52,6 +55,7 @@ class Fault:
     STALL_MID_BODY = "stall-mid-body"
     ERROR_500 = "500"
     ERROR_503 = "503"
+    LANDED = "landed"
     TRUNCATE = "truncate"
     LONG_LENGTH = "long-content-length"
     SHORT_LENGTH = "short-content-length"
@@ -270,6 +274,15 @@ class FaultProxy:
         rule = self._choose(request)
         fault = rule.fault if rule is not None else None
         params = rule.params if rule is not None else {}
+        if fault == Fault.LANDED:
+            released = await asyncio.get_running_loop().run_in_executor(None, params["release"].wait, 60.0)
+            assert released, "LANDED: the test never released the request"
+            _status, _reason, _headers, body_reader, upstream_writer = await self._forward(request)
+            try:
+                await body_reader.read()  # the upstream's whole answer: the write is done
+            finally:
+                upstream_writer.transport.abort()
+            fault = params["then"]
         if fault == Fault.RESET:
             _reset(writer)
             return False

@@ -681,3 +681,43 @@ def test_a_failing_revalidation_is_the_origins_error_and_keeps_the_record(start_
     assert again.status == 200 and check_bytes(key, 0, again.body) is None and again.headers["x-cache"] == "HIT"
     assert origin.proxy.count("GET", key) == fetched  # its blocks were kept
     sprox.stop_and_check_cache({key: (key, SIZE)})
+
+
+@pytest.mark.parametrize("then", [Fault.RESET, Fault.ERROR_500])
+def test_a_write_that_landed_but_failed_leaves_no_old_version_cached(start_sprox, tmp_path, origin, then):
+    """The object store took a PUT, but the connection was reset before its answer, or
+    the answer was a 500: the old version a read fetched and cached while the PUT was
+    under way must not stay cached (the write may have been done, as it was here)."""
+    import threading
+
+    origin.put("k")
+    old, new = object_bytes("k", SIZE), object_bytes("k-new", SIZE)
+    sprox = Sprox(start_sprox, tmp_path, origin, "cache")
+    release = threading.Event()  # the PUT waits at the proxy until the read is done
+    origin.proxy.inject(Fault.LANDED, method="PUT", key="k", times=None, release=release, then=then)
+    put_status = []
+
+    def put() -> None:
+        host, port = sprox.endpoint.removeprefix("http://").rsplit(":", 1)
+        conn = http.client.HTTPConnection(host, int(port), timeout=60)
+        try:
+            conn.request("PUT", f"/{BUCKET}/k", body=new)
+            put_status.append(conn.getresponse().status)
+        finally:
+            conn.close()
+
+    writer = threading.Thread(target=put)
+    writer.start()
+    deadline = time.monotonic() + 30
+    while origin.proxy.count("PUT", "k") == 0:  # the PUT is at the store, not done yet
+        assert time.monotonic() < deadline, "the PUT never reached the upstream"
+        time.sleep(0.01)
+    got = sprox.get("k")
+    assert got.status == 200 and got.body == old  # read, and cached, before the write landed
+    release.set()
+    writer.join(60)
+    assert put_status and put_status[0] >= 500, put_status
+    assert origin.upstream.objects[f"{BUCKET}/k"].data == new  # the write was done all the same
+    got = sprox.get("k")
+    assert got.status == 200 and got.body == new
+    sprox.proc.stop()
