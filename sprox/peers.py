@@ -49,7 +49,10 @@ RETRY_DELAYS = (1.0, 2.0, 4.0, 8.0, 16.0, 30.0)  # then the invalidation is give
 RESOLVE_SECONDS = 5.0
 LOOKUP_REUSE_SECONDS = 1.0
 MAX_KEYS = 1000  # a DeleteObjects names at most 1000 keys; a call carries at most that
-MAX_BODY_BYTES = 512 * 1024  # a call's body at most (the receiving server takes 1 MiB)
+MAX_BODY_BYTES = 512 * 1024  # a call's body at most, as sent
+# ... and as taken: what nodes took before bodies were split (aiohttp's 1 MiB), so
+# that during a rolling upgrade the older nodes' calls still land.
+MAX_RECEIVED_BODY_BYTES = 1024 * 1024
 PER_PEER_CONNECTIONS = 8
 MAX_PENDING = 10_000  # invalidations waiting in the background for their peer, at most
 

@@ -267,14 +267,14 @@ class Sprox:
     async def _peer_invalidate(self, request: web.Request, *, signed: bool) -> web.Response:
         """Another node of the tier forwarded a write: forget what it changed
         (sprox/peers.py). The signature, checked before, covers the body's SHA-256."""
-        from .peers import NODE_HEADER, MAX_BODY_BYTES, MAX_KEYS, body_digest, parse_invalidation
+        from .peers import NODE_HEADER, MAX_KEYS, MAX_RECEIVED_BODY_BYTES, body_digest, parse_invalidation
 
         request_id = new_request_id()
         if request.content_length is None:
             return error_response(errors.S3Error("MissingContentLength", "You must provide the Content-Length "
                                                  "HTTP header.", 411), request_id)
-        if request.content_length > MAX_BODY_BYTES:
-            return error_response(errors.S3Error("EntityTooLarge", f"An invalidation is at most {MAX_BODY_BYTES} "
+        if request.content_length > MAX_RECEIVED_BODY_BYTES:
+            return error_response(errors.S3Error("EntityTooLarge", f"An invalidation is at most {MAX_RECEIVED_BODY_BYTES} "
                                                  f"bytes and names at most {MAX_KEYS} keys.", 400), request_id)
         body = await request.read()
         if signed and request.headers.get("x-amz-content-sha256", "").lower() != body_digest(body):

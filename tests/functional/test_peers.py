@@ -132,6 +132,17 @@ def test_the_invalidation_route_refuses_what_a_peer_would_not_send(start_sprox, 
         assert (status, _error_code(answer)) == (400, "MalformedPOSTRequest"), bad
     status, answer = post(url, body, signer.headers("POST", url, body))
     assert (status, json.loads(answer)) == (200, {"invalidated": 1})
+    # What nodes of the version before took (an older node's call, in a rolling
+    # upgrade): up to 1 MiB, while calls are sent in bodies of at most 512 KiB.
+    large = json.dumps({"bucket": "b", "keys": [f"{i:04d}" + "k" * 1000 for i in range(1000)],
+                        "node": "n"}).encode()
+    assert 1000 * 1000 < len(large) <= 1024 * 1024
+    status, answer = post(url, large, signer.headers("POST", url, large))
+    assert (status, json.loads(answer)) == (200, {"invalidated": 1000})
+    too_large = json.dumps({"bucket": "b", "keys": ["\u00e9" * 200] * 1000, "node": "n"}).encode()  # escaped: 6 bytes each
+    assert len(too_large) > 1024 * 1024
+    status, answer = post(url, too_large, signer.headers("POST", url, too_large))
+    assert (status, _error_code(answer)) == (400, "EntityTooLarge")
 
 
 def test_liveness_and_readiness_answer_unsigned_probes(start_sprox, tmp_path):
