@@ -274,8 +274,9 @@ class Sprox:
             return error_response(errors.S3Error("MissingContentLength", "You must provide the Content-Length "
                                                  "HTTP header.", 411), request_id)
         if request.content_length > MAX_RECEIVED_BODY_BYTES:
-            return error_response(errors.S3Error("EntityTooLarge", f"An invalidation is at most {MAX_RECEIVED_BODY_BYTES} "
-                                                 f"bytes and names at most {MAX_KEYS} keys.", 400), request_id)
+            return error_response(errors.S3Error("EntityTooLarge", "An invalidation is at most "
+                                                 f"{MAX_RECEIVED_BODY_BYTES} bytes and names at most "
+                                                 f"{MAX_KEYS} keys.", 400), request_id)
         body = await request.read()
         if signed and request.headers.get("x-amz-content-sha256", "").lower() != body_digest(body):
             return error_response(errors.S3Error("XAmzContentSHA256Mismatch", "The body of an invalidation must "

@@ -139,7 +139,8 @@ def test_the_invalidation_route_refuses_what_a_peer_would_not_send(start_sprox, 
     assert 1000 * 1000 < len(large) <= 1024 * 1024
     status, answer = post(url, large, signer.headers("POST", url, large))
     assert (status, json.loads(answer)) == (200, {"invalidated": 1000})
-    too_large = json.dumps({"bucket": "b", "keys": ["\u00e9" * 200] * 1000, "node": "n"}).encode()  # escaped: 6 bytes each
+    # (escaped as \u00e9 by json.dumps: 6 bytes each)
+    too_large = json.dumps({"bucket": "b", "keys": ["\u00e9" * 200] * 1000, "node": "n"}).encode()
     assert len(too_large) > 1024 * 1024
     status, answer = post(url, too_large, signer.headers("POST", url, too_large))
     assert (status, _error_code(answer)) == (400, "EntityTooLarge")
