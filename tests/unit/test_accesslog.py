@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import inspect
 import json
 import logging
 import os
@@ -32,6 +31,7 @@ FILE_NAME = re.compile(r"access-\d{8}T\d{6}Z-(\d+)-(\d{6})\.parquet")
 JOURNAL_WRITER = pa.ipc.RecordBatchStreamWriter
 
 from tests.guards import no_blocking_on_loop  # noqa: E402,F401  (autouse: applies to this module)
+from tests.waiting import until  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -68,21 +68,6 @@ def as_row(record: AccessRecord) -> dict:
     micros = round(record.time * 1_000_000)
     epoch = datetime(1970, 1, 1, tzinfo=timezone.utc)
     return {**record._asdict(), "time": epoch + timedelta(microseconds=micros)}
-
-
-async def until(condition, timeout: float = 5.0, what: str = "condition") -> None:
-    """Poll `condition()` (a bool, or an awaitable of one) until true or the deadline."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        done = condition()
-        if inspect.isawaitable(done):
-            done = await done
-        if done:
-            return
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.005)
 
 
 def names(directory: Path) -> list[str]:

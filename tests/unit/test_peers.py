@@ -13,6 +13,7 @@ from aiohttp import web
 
 from sprox.peers import (INVALIDATE_PATH, MAX_BODY_BYTES, MAX_KEYS, PeerAddress, Peers, _bodies,
                          parse_invalidation)
+from tests.waiting import until
 
 HOST = "127.0.0.1"
 
@@ -184,11 +185,6 @@ def test_invalidation_bodies_stay_under_the_limit_whatever_the_keys():
     assert [parse_invalidation(b)[1] for b in _bodies("bkt", ["a"] * 2001, "n")] == [["a"] * 1000, ["a"] * 1000, ["a"]]
 
 
-async def _until(condition) -> None:
-    while not condition():  # bounded by run()'s 60 s
-        await asyncio.sleep(0.01)
-
-
 def test_a_write_during_a_retry_at_the_peer_is_delivered_after_it():
     """The retry of write 1 has reached the peer (which may cache the old object again
     right after it): write 2 to the same key must reach the peer after that, not be
@@ -200,11 +196,11 @@ def test_a_write_during_a_retry_at_the_peer_is_delivered_after_it():
             try:
                 await peers.invalidate("b", ["k"])  # write 1: fails, retried in the background
                 peer.answer = "hang"
-                await _until(lambda: len(peer.calls) == 2)  # the retry is at the peer
+                await until(lambda: len(peer.calls) == 2, 30, "the retry at the peer")
                 await peers.invalidate("b", ["k"])  # write 2: the peer is failing, so in the background
                 assert len(peer.calls) == 2
                 peer.release.set()
-                await _until(lambda: not peers._pending)
+                await until(lambda: not peers._pending, 30, "no invalidation waiting")
                 assert len(peer.calls) == 3 and peer.calls[2]["keys"] == ["k"]
             finally:
                 await peers.close()
@@ -243,7 +239,7 @@ def test_a_name_that_does_not_resolve_is_looked_up_once_for_all_waiting_writes(m
         try:
             for i in range(500):
                 await peers.invalidate("b", [f"k{i}"])
-            await _until(lambda: not peers._pending)
+            await until(lambda: not peers._pending, 30, "no invalidation waiting")
             assert peers.stats.given_up == 500
         finally:
             await peers.close()
