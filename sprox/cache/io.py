@@ -161,8 +161,8 @@ class BouncePool:
         self.kept_bytes += size
 
 
-def _direct_write_view(offset: int, view: memoryview, pool: BouncePool) -> tuple[memoryview, bool]:
-    """(`view` itself, False), or (an aligned copy of it from `pool`, True);
+def _direct_write_view(offset: int, view: memoryview, pool: BouncePool) -> memoryview:
+    """`view` itself, or an aligned copy of it from `pool` (to give back once written);
     ValueError for an unaligned request."""
     if offset % ALIGNMENT or view.nbytes % ALIGNMENT:
         raise ValueError(
@@ -170,8 +170,8 @@ def _direct_write_view(offset: int, view: memoryview, pool: BouncePool) -> tuple
             f"{ALIGNMENT}, got offset {offset} and length {view.nbytes}"
         )
     if _is_aligned(view):
-        return view, False
-    return pool.copy(view), True
+        return view
+    return pool.copy(view)
 
 
 def _os_error(result: int) -> OSError:
@@ -253,10 +253,9 @@ class UringBackend:
 
     async def pwrite(self, fd: int, offset: int, data: BytesLike) -> int:
         _check_args(offset, 0)
-        view = memoryview(data).cast("B")
-        bounced = False
+        given = view = memoryview(data).cast("B")
         if self.direct_io:
-            view, bounced = _direct_write_view(offset, view, self._bounce)
+            view = _direct_write_view(offset, view, self._bounce)
         total = view.nbytes
         self._enter()
         try:
@@ -272,7 +271,7 @@ class UringBackend:
             self._leave()
         # Only after every transfer completed: a cancelled caller's buffer may still be
         # the kernel's (and an error's leaves with the exception, to be freed).
-        if bounced:
+        if view is not given:
             self._bounce.give_back(view)
         return total
 
@@ -397,12 +396,11 @@ class ThreadBackend:
 
     async def pwrite(self, fd: int, offset: int, data: BytesLike) -> int:
         _check_args(offset, 0)
-        view = memoryview(data).cast("B")
-        bounced = False
+        given = view = memoryview(data).cast("B")
         if self.direct_io:
-            view, bounced = _direct_write_view(offset, view, self._bounce)
+            view = _direct_write_view(offset, view, self._bounce)
         written = await self._run(_write_all, fd, offset, view)
-        if bounced:  # the worker is done with it (see UringBackend.pwrite)
+        if view is not given:  # a bounce buffer; the worker is done with it (see UringBackend.pwrite)
             self._bounce.give_back(view)
         return written
 
